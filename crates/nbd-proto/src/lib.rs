@@ -1,0 +1,1 @@
+//! nbd-proto (being written).

@@ -1,0 +1,1 @@
+//! nbd-server (being written).
