@@ -1,1 +1,40 @@
-//! store (being written).
+//! One replica of a volume on local disk.
+//!
+//! Parts, from the bottom up:
+//!
+//! - [`backend`]: the storage seam [`Backend`] (`read_at`, `write_at`, `punch_hole`,
+//!   `zero_range`, `sync_data`, `SEEK_DATA`/`SEEK_HOLE`, optional non-blocking fast paths)
+//!   and [`FileBackend`], a sparse file used through the page cache.
+//! - [`testing`]: backends that inject I/O errors ([`testing::FaultyBackend`]) or lose
+//!   un-synced writes on a simulated crash ([`testing::VolatileBackend`]).
+//! - `volume` and `ops`: [`LocalVolume`], which implements [`bw_types::BlockDevice`]: page-cache
+//!   hits are served inline in `submit`, the rest on a small pool of I/O threads (`pool`);
+//!   flushes and FUA writes share coalesced `fdatasync`s (`flush`); any failed write or sync
+//!   faults the volume for good (fail-stop).
+//! - `files`: crash-safe primitives for volume files ([`create_volume_file`],
+//!   [`grow_volume_file`], [`remove_volume_file`], [`fsync_dir`]).
+//!
+//! Data flow: NBD server → `LocalVolume::submit` → (inline fast path | I/O thread) →
+//! `Backend` → completion callback → NBD reply. `docs/design/storage.md` gives the on-disk
+//! layout, the fsync ordering and the crash analysis.
+
+pub mod backend;
+mod error;
+mod files;
+mod flush;
+mod ops;
+mod pool;
+pub mod testing;
+mod volume;
+
+pub use backend::{Backend, FastPath, FileBackend, ZERO_FALLBACK_CHUNK_BYTES};
+pub use error::{ResizeError, VolumeFileError};
+pub use files::{
+    create_volume_file, fsync_dir, grow_volume_file, remove_temp_files, remove_volume_file,
+    TEMP_SUFFIX,
+};
+pub use pool::{MAX_QUEUED_JOBS, WORKER_IDLE_EXIT};
+pub use volume::{
+    ErrorCallback, LocalVolume, VolumeErrorEvent, VolumeOptions, VolumeStats, DEFAULT_IO_WORKERS,
+    MAX_BLOCK_STATUS_EXTENTS, MAX_READ_BYTES, MAX_VOLUME_BYTES,
+};
