@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub node_name: String,
     pub nbd_listen: SocketAddr,
     pub api_listen: SocketAddr,
+    /// Listened on in cluster mode only (C2); validated now so a bad value fails early.
+    #[allow(dead_code)]
     pub peer_listen: SocketAddr,
     pub nbd_socket: PathBuf,
     pub etcd: Vec<String>,
@@ -82,6 +84,10 @@ pub struct AgentFlags {
     /// Log level: error, warn, info, debug.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Command run (via sh -c) for every event of warning level or higher; the event is
+    /// on stdin as JSON and in BLOCKWARDEN_EVENT_* variables.
+    #[arg(long, value_name = "COMMAND")]
+    pub alert_command: Option<String>,
 }
 
 impl AgentConfig {
@@ -167,7 +173,7 @@ impl AgentConfig {
             etcd,
             labels,
             log_level,
-            alert_command: file.alert_command,
+            alert_command: flags.alert_command.clone().or(file.alert_command),
         })
     }
 }

@@ -37,6 +37,7 @@ fn names(list: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Goal: the volume verbs work and print names and human sizes. Method: create three, list/show in both formats, grow, refuse a shrink, delete one.
 #[test]
 fn volume_create_list_show_resize_delete_in_table_and_json() {
     let agent = start_agent!();
@@ -90,6 +91,7 @@ fn volume_create_list_show_resize_delete_in_table_and_json() {
     );
 }
 
+/// Goal: status, node list and events answer in both formats. Method: one create, then look for the node and the creation event.
 #[test]
 fn status_node_list_and_events_in_table_and_json() {
     let agent = start_agent!();
@@ -110,8 +112,17 @@ fn status_node_list_and_events_in_table_and_json() {
     assert_eq!(nodes.len(), 1, "embedded mode has one node: {nodes:?}");
     assert_eq!(nodes[0]["name"], "node-a");
 
-    let events = agent.cli_json(&["events"]);
-    let events = events.as_array().expect("events -o json is an array");
+    // `events -o json` prints one JSON object per line (so `--follow` can stream); a single
+    // array is accepted too.
+    let out = agent.cli_ok(&["events", "-o", "json"]);
+    let events: Vec<Value> = match serde_json::from_str::<Value>(&out) {
+        Ok(Value::Array(a)) => a,
+        _ => out
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect(),
+    };
     assert!(
         events.iter().any(|e| e.to_string().contains("ev1")
             && e["kind"].as_str().is_some_and(|k| k.contains("creat"))),
@@ -121,6 +132,7 @@ fn status_node_list_and_events_in_table_and_json() {
     assert!(human.contains("ev1"), "{human}");
 }
 
+/// Goal: `volume attach` prints a working NBD URI and `detach` undoes it. Method: attach, use the URI with our client, check `attached` in JSON.
 #[test]
 fn attach_prints_the_nbd_uri_and_detach_releases_it() {
     let agent = start_agent!();
@@ -147,6 +159,7 @@ fn attach_prints_the_nbd_uri_and_detach_releases_it() {
     assert!(show["attached"].is_null(), "detached: {show}");
 }
 
+/// Goal: every failure is one `error:` line and a non-zero exit. Method: unknown volumes, bad sizes, bad names, a duplicate.
 #[test]
 fn errors_are_one_line_on_stderr_with_nonzero_exit() {
     let agent = start_agent!();
@@ -178,6 +191,7 @@ fn errors_are_one_line_on_stderr_with_nonzero_exit() {
     );
 }
 
+/// Goal: a CLI pointed at nothing says so in one line; BLOCKWARDEN_API sets the default URL. Method: a free port, then the env var.
 #[test]
 fn cli_without_a_running_agent_fails_clearly() {
     let agent = start_agent!();
@@ -203,6 +217,7 @@ fn cli_without_a_running_agent_fails_clearly() {
     assert!(out.status.success(), "{}", describe(&env_cmd, &out));
 }
 
+/// Goal: two agents never share a data dir. Method: start a second one on the same dir with other ports; it must exit non-zero by itself.
 #[test]
 fn second_agent_on_the_same_data_dir_is_refused() {
     let mut agent = start_agent!();
@@ -225,6 +240,7 @@ fn second_agent_on_the_same_data_dir_is_refused() {
     agent.cli_ok(&["status"]);
 }
 
+/// Goal: an open volume is not deleted by accident. Method: hold an NBD connection, delete (refused), delete --force (client cut off, export gone).
 #[test]
 fn deleting_an_in_use_volume_needs_force_which_disconnects_the_client() {
     let agent = start_agent!();

@@ -20,6 +20,7 @@ use testkit::nbd::NbdClient;
 use testkit::rng::SplitMix64;
 use testkit::{start_agent, wait_until, Agent};
 
+/// Goal: G1 under kill -9. Method: bw-loadgen load, SIGKILL after N completed flushes, restart, verify every block (three rounds).
 #[test]
 fn flushed_writes_survive_kill9_during_write_load() {
     let mut agent = start_agent!();
@@ -110,6 +111,7 @@ fn assert_consistent(agent: &Agent) {
     );
 }
 
+/// Goal: create/delete are atomic with their files under kill -9. Method: CLI churn, SIGKILL at seeded random moments, restart, check catalog = files = usable exports.
 #[test]
 fn catalog_and_files_consistent_after_kill9_during_create_delete_loop() {
     let mut agent = start_agent!();

@@ -28,6 +28,7 @@ fn concurrent_jobs_write_and_verify_crc32c() {
              do_verify=1\n\
              verify_fatal=1\n\
              verify_dump=0\n\
+             verify_state_save=0\n\
              randrepeat=0\n\
              group_reporting=0\n\
              \n\
@@ -59,7 +60,7 @@ fn concurrent_jobs_write_and_verify_crc32c() {
     )
     .unwrap();
     let mut c = Command::new("fio");
-    c.arg(&job);
+    c.arg(&job).current_dir(&dir); // fio may drop state files in its working directory
     let out = run_with_timeout(&mut c, Duration::from_secs(600)).unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);

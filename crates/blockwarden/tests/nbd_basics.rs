@@ -5,6 +5,7 @@
 use testkit::nbd::{consts::*, NbdClient};
 use testkit::start_agent;
 
+/// Goal: the Unix socket in the data dir serves the same data as TCP. Method: write on one, read on the other.
 #[test]
 fn unix_socket_and_tcp_serve_the_same_volume() {
     let agent = start_agent!();
@@ -19,6 +20,7 @@ fn unix_socket_and_tcp_serve_the_same_volume() {
     assert_eq!(tcp.read(0, 9).unwrap(), b"over unix");
 }
 
+/// Goal: the transmission flags and block-size constraints of issue #2 are advertised. Method: OPT_GO with an INFO_BLOCK_SIZE request.
 #[test]
 fn export_flags_and_block_sizes_are_advertised() {
     let agent = start_agent!();
@@ -42,6 +44,7 @@ fn export_flags_and_block_sizes_are_advertised() {
     assert_eq!(max, 32 << 20);
 }
 
+/// Goal: OPT_LIST equals the catalog. Method: three volumes, one OPT_LIST.
 #[test]
 fn opt_list_names_exactly_the_volumes() {
     let agent = start_agent!();
@@ -53,6 +56,7 @@ fn opt_list_names_exactly_the_volumes() {
     assert_eq!(names, ["a1", "b2", "c3"]);
 }
 
+/// Goal: flushed data survives SIGTERM + restart; a resize is seen by the next connection. Method: write, restart, read; resize, reconnect.
 #[test]
 fn data_survives_a_clean_restart_and_resize_shows_on_next_connection() {
     let mut agent = start_agent!();
@@ -80,6 +84,7 @@ fn data_survives_a_clean_restart_and_resize_shows_on_next_connection() {
     assert_eq!(c.read(0, 512).unwrap().len(), 512);
 }
 
+/// Goal: multi-conn coherence. Method: four connections write their own ranges, one flushes, each reads its neighbour's range.
 #[test]
 fn writes_flushed_on_one_connection_are_read_on_another() {
     let agent = start_agent!();

@@ -35,6 +35,7 @@ fn range_is(m: &[(u64, u64, u64)], lo: u64, hi: u64, pred: impl Fn(u64) -> bool)
         .all(|(_, _, t)| pred(*t))
 }
 
+/// Goal: nbdinfo --list shows every volume with its size. Method: three volumes, JSON and human output.
 #[test]
 fn list_shows_every_volume_with_its_size() {
     if !require_tool("nbdinfo") {
@@ -73,6 +74,7 @@ fn list_shows_every_volume_with_its_size() {
     }
 }
 
+/// Goal: BLOCK_STATUS reports holes from the file. Method: map a new volume (hole), fill it (data), discard 2 MiB (hole there only).
 #[test]
 fn map_shows_a_hole_after_trim() {
     if !require_tool("nbdinfo") || !require_tool("qemu-io") {

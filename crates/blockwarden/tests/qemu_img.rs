@@ -24,6 +24,7 @@ fn virtual_size(uri: &str) -> u64 {
         .unwrap_or_else(|| panic!("no virtual-size in {v}"))
 }
 
+/// Goal: image import with holes works bit-exactly. Method: qemu-img convert raw and qcow2 into volumes, compare equal (and unequal to a different image).
 #[test]
 fn convert_raw_and_qcow2_into_volumes_then_compare_equal() {
     if !require_tool("qemu-img") {
@@ -98,6 +99,7 @@ fn convert_raw_and_qcow2_into_volumes_then_compare_equal() {
     );
 }
 
+/// Goal: qemu-img sees the right size. Method: info before and after `volume resize`.
 #[test]
 fn info_shows_the_volume_size_and_the_new_size_after_resize() {
     if !require_tool("qemu-img") {

@@ -47,7 +47,7 @@ fn patterns_at_odd_offsets_zeroes_and_discard_read_back_verified() {
 
     let writes = [
         "write -P 0xab 1000 5000",        // unaligned start and length
-        "write -P 0x11 4095 2",           // straddles a 4 KiB boundary
+        "write -P 0x11 12287 2",          // straddles a 4 KiB boundary
         "aio_write -P 0xcd 123457 65537", // odd everything, asynchronous
         "aio_write -P 0xce 1048575 3",
         "aio_flush",
@@ -61,8 +61,8 @@ fn patterns_at_odd_offsets_zeroes_and_discard_read_back_verified() {
     let reads = [
         "read -P 0xab 1000 5000",
         "read -P 0 0 1000",
-        "read -P 0 6000 100",
-        "read -P 0x11 4095 2",
+        "read -P 0 6000 6287",
+        "read -P 0x11 12287 2",
         "read -P 0xcd 123457 65537",
         "read -P 0xce 1048575 3",
         "read -P 0 2M 2M",

@@ -18,5 +18,9 @@ pub enum ProtoError {
     #[error("reply does not start with a known reply magic (got {0:#010x})")]
     BadReplyMagic(u32),
     #[error("{what} of {len} bytes is longer than the limit of {max}")]
-    TooLong { what: &'static str, len: u64, max: u64 },
+    TooLong {
+        what: &'static str,
+        len: u64,
+        max: u64,
+    },
 }

@@ -51,11 +51,9 @@ fn reply_to_opt_info_errors_and_list() {
     encode_rep_error(&mut out, OPT_INFO, REP_ERR_UNKNOWN, "no");
     encode_rep_server(&mut out, "ab", "d");
     encode_rep_meta_context(&mut out, OPT_SET_META_CONTEXT, 1, META_BASE_ALLOCATION);
-    let want = hex(
-        "0003e889045565a9 00000006 80000006 00000002 6e6f
+    let want = hex("0003e889045565a9 00000006 80000006 00000002 6e6f
          0003e889045565a9 00000003 00000002 00000007 00000002 6162 64
-         0003e889045565a9 0000000a 00000004 00000013 00000001 626173653a616c6c6f636174696f6e",
-    );
+         0003e889045565a9 0000000a 00000004 00000013 00000001 626173653a616c6c6f636174696f6e");
     assert_eq!(out, want);
 }
 
@@ -72,15 +70,30 @@ fn export_name_reply() {
 
 #[test]
 fn request_header() {
-    let h = RequestHeader { flags: CMD_FLAG_FUA, command: CMD_WRITE, cookie: 0x0102030405060708, offset: 0x1000, length: 0x200 };
-    assert_eq!(h.to_bytes().to_vec(), hex("25609513 0001 0001 0102030405060708 0000000000001000 00000200"));
+    let h = RequestHeader {
+        flags: CMD_FLAG_FUA,
+        command: CMD_WRITE,
+        cookie: 0x0102030405060708,
+        offset: 0x1000,
+        length: 0x200,
+    };
+    assert_eq!(
+        h.to_bytes().to_vec(),
+        hex("25609513 0001 0001 0102030405060708 0000000000001000 00000200")
+    );
 }
 
 #[test]
 fn replies() {
     let cookie = 0x0102030405060708;
-    assert_eq!(simple_reply(0, cookie).to_vec(), hex("67446698 00000000 0102030405060708"));
-    assert_eq!(simple_reply(EINVAL, cookie).to_vec(), hex("67446698 00000016 0102030405060708"));
+    assert_eq!(
+        simple_reply(0, cookie).to_vec(),
+        hex("67446698 00000000 0102030405060708")
+    );
+    assert_eq!(
+        simple_reply(EINVAL, cookie).to_vec(),
+        hex("67446698 00000016 0102030405060708")
+    );
     assert_eq!(
         offset_data_header(cookie, 0x2000, 0x1000).to_vec(),
         hex("668e33ef 0001 0001 0102030405060708 00001008 0000000000002000")
@@ -88,7 +101,16 @@ fn replies() {
     let mut out = Vec::new();
     encode_chunk_none(&mut out, cookie);
     encode_chunk_error(&mut out, cookie, EIO, "hi");
-    let ds = [BlockDescriptor { length: 0x1000, flags: 0 }, BlockDescriptor { length: 0x2000, flags: STATE_HOLE | STATE_ZERO }];
+    let ds = [
+        BlockDescriptor {
+            length: 0x1000,
+            flags: 0,
+        },
+        BlockDescriptor {
+            length: 0x2000,
+            flags: STATE_HOLE | STATE_ZERO,
+        },
+    ];
     encode_chunk_block_status(&mut out, cookie, 1, &ds);
     let want = hex(
         "668e33ef 0001 0000 0102030405060708 00000000

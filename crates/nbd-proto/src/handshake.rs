@@ -49,7 +49,9 @@ pub enum OptionBody {
     Malformed(&'static str),
     /// The data is longer than [`MAX_OPTION_DATA_LEN`]. Only the 16-byte header was
     /// consumed: the caller must skip `len` more bytes, then reply `NBD_REP_ERR_TOO_BIG`.
-    TooBig { len: u32 },
+    TooBig {
+        len: u32,
+    },
 }
 
 /// Data of `NBD_OPT_INFO` / `NBD_OPT_GO`.
@@ -94,7 +96,9 @@ pub fn encode_greeting(out: &mut Vec<u8>) {
 /// Parses the client's 4-byte flags. Unknown bits are an error: the spec says the server MUST
 /// drop the connection.
 pub fn parse_client_flags(buf: &[u8]) -> Parsed<ClientFlags> {
-    let Some(raw) = buf.get(..4) else { return Ok(None) };
+    let Some(raw) = buf.get(..4) else {
+        return Ok(None);
+    };
     let flags = u32::from_be_bytes(raw.try_into().expect("4 bytes"));
     if flags & !KNOWN_CLIENT_FLAGS != 0 {
         return Err(ProtoError::UnknownClientFlags(flags));
@@ -123,7 +127,9 @@ pub fn parse_option(buf: &[u8]) -> Parsed<OptionRequest> {
         return Ok(Some((OptionRequest { code, body }, OPTION_HEADER_LEN)));
     }
     let total = OPTION_HEADER_LEN + len as usize;
-    let Some(data) = buf.get(OPTION_HEADER_LEN..total) else { return Ok(None) };
+    let Some(data) = buf.get(OPTION_HEADER_LEN..total) else {
+        return Ok(None);
+    };
     let body = parse_option_body(code, data);
     Ok(Some((OptionRequest { code, body }, total)))
 }
@@ -154,7 +160,9 @@ fn parse_info(data: &[u8]) -> Result<InfoRequest, &'static str> {
         return Err("export name length exceeds the option data");
     }
     let name = parse_string(r.take(name_len as usize).ok_or("truncated export name")?)?;
-    let count = r.u16().ok_or("option data too short for the info request count")?;
+    let count = r
+        .u16()
+        .ok_or("option data too short for the info request count")?;
     let mut info_types = Vec::with_capacity(usize::from(count));
     for _ in 0..count {
         info_types.push(r.u16().ok_or("fewer info requests than announced")?);
@@ -169,7 +177,10 @@ fn parse_info(data: &[u8]) -> Result<InfoRequest, &'static str> {
 fn parse_meta(data: &[u8]) -> Result<MetaRequest, &'static str> {
     let mut r = Cursor(data);
     let name_len = r.u32().ok_or("option data too short for the name length")?;
-    let name = parse_string(r.take(name_len as usize).ok_or("export name exceeds the option data")?)?;
+    let name = parse_string(
+        r.take(name_len as usize)
+            .ok_or("export name exceeds the option data")?,
+    )?;
     let count = r.u32().ok_or("option data too short for the query count")?;
     if count > MAX_META_QUERIES {
         return Err("too many metadata context queries");
@@ -177,7 +188,10 @@ fn parse_meta(data: &[u8]) -> Result<MetaRequest, &'static str> {
     let mut queries = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let len = r.u32().ok_or("fewer queries than announced")?;
-        queries.push(parse_string(r.take(len as usize).ok_or("query exceeds the option data")?)?);
+        queries.push(parse_string(
+            r.take(len as usize)
+                .ok_or("query exceeds the option data")?,
+        )?);
     }
     if !r.0.is_empty() {
         return Err("trailing bytes after the queries");
@@ -221,14 +235,24 @@ pub fn encode_rep_ack(out: &mut Vec<u8>, option: u32) {
 /// An error reply carrying a human-readable message (cut to [`MAX_STRING_LEN`]).
 pub fn encode_rep_error(out: &mut Vec<u8>, option: u32, reply_type: u32, message: &str) {
     debug_assert!(is_rep_error(reply_type));
-    encode_option_reply(out, option, reply_type, truncate_str(message, MAX_STRING_LEN).as_bytes());
+    encode_option_reply(
+        out,
+        option,
+        reply_type,
+        truncate_str(message, MAX_STRING_LEN).as_bytes(),
+    );
 }
 
 /// One `NBD_REP_SERVER` entry of an `NBD_OPT_LIST` answer: name, then the description.
 pub fn encode_rep_server(out: &mut Vec<u8>, name: &str, description: &str) {
     let name = truncate_str(name, MAX_STRING_LEN);
     let description = truncate_str(description, MAX_STRING_LEN);
-    option_reply_header(out, OPT_LIST, REP_SERVER, 4 + name.len() + description.len());
+    option_reply_header(
+        out,
+        OPT_LIST,
+        REP_SERVER,
+        4 + name.len() + description.len(),
+    );
     out.extend_from_slice(&(name.len() as u32).to_be_bytes());
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(description.as_bytes());
@@ -267,7 +291,12 @@ pub fn encode_rep_meta_context(out: &mut Vec<u8>, option: u32, context_id: u32, 
 }
 
 /// The reply that ends an `NBD_OPT_EXPORT_NAME` negotiation.
-pub fn encode_export_name_reply(out: &mut Vec<u8>, size: u64, transmission_flags: u16, no_zeroes: bool) {
+pub fn encode_export_name_reply(
+    out: &mut Vec<u8>,
+    size: u64,
+    transmission_flags: u16,
+    no_zeroes: bool,
+) {
     out.extend_from_slice(&size.to_be_bytes());
     out.extend_from_slice(&transmission_flags.to_be_bytes());
     if !no_zeroes {

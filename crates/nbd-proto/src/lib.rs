@@ -37,6 +37,8 @@ pub mod transmission;
 
 #[cfg(test)]
 mod golden_tests;
+#[cfg(test)]
+mod smoke_tests;
 
 pub use error::ProtoError;
 pub use handshake::{ClientFlags, InfoRequest, MetaRequest, OptionBody, OptionRequest};

@@ -95,7 +95,9 @@ impl RequestHeader {
 
 /// Parses one request header (not its payload; see [`RequestHeader::payload_len`]).
 pub fn parse_request_header(buf: &[u8]) -> Parsed<RequestHeader> {
-    let Some(b) = buf.get(..REQUEST_HEADER_LEN) else { return Ok(None) };
+    let Some(b) = buf.get(..REQUEST_HEADER_LEN) else {
+        return Ok(None);
+    };
     let magic = be_u32(&b[0..4]);
     if magic != REQUEST_MAGIC {
         return Err(ProtoError::BadRequestMagic(magic));
@@ -144,7 +146,12 @@ pub const OFFSET_DATA_HEADER_LEN: usize = CHUNK_HEADER_LEN + 8;
 pub fn offset_data_header(cookie: u64, offset: u64, data_len: u32) -> [u8; OFFSET_DATA_HEADER_LEN] {
     debug_assert!((1..=u32::MAX - 8).contains(&data_len));
     let mut b = [0u8; OFFSET_DATA_HEADER_LEN];
-    let head = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, data_len + 8);
+    let head = chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        data_len + 8,
+    );
     b[..CHUNK_HEADER_LEN].copy_from_slice(&head);
     b[CHUNK_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
     b
@@ -160,7 +167,12 @@ pub fn encode_chunk_error(out: &mut Vec<u8>, cookie: u64, error: u32, message: &
     debug_assert!(error != 0);
     let message = truncate_str(message, MAX_STRING_LEN);
     let len = 6 + message.len() as u32;
-    out.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, len));
+    out.extend_from_slice(&chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        len,
+    ));
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(message.len() as u16).to_be_bytes());
     out.extend_from_slice(message.as_bytes());
@@ -176,11 +188,21 @@ pub struct BlockDescriptor {
 /// A final `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for one metadata context. `descriptors` must
 /// not be empty (the spec requires at least one) nor longer than
 /// [`MAX_BLOCK_STATUS_EXTENTS`].
-pub fn encode_chunk_block_status(out: &mut Vec<u8>, cookie: u64, context_id: u32, descriptors: &[BlockDescriptor]) {
+pub fn encode_chunk_block_status(
+    out: &mut Vec<u8>,
+    cookie: u64,
+    context_id: u32,
+    descriptors: &[BlockDescriptor],
+) {
     debug_assert!(!descriptors.is_empty() && descriptors.len() <= MAX_BLOCK_STATUS_EXTENTS);
     let len = 4 + 8 * descriptors.len() as u32;
     out.reserve(CHUNK_HEADER_LEN + len as usize);
-    out.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len));
+    out.extend_from_slice(&chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        len,
+    ));
     out.extend_from_slice(&context_id.to_be_bytes());
     for d in descriptors {
         out.extend_from_slice(&d.length.to_be_bytes());
@@ -195,7 +217,13 @@ mod tests {
     // Goal: the header parser waits for 28 bytes, rejects a bad magic, and round-trips.
     #[test]
     fn request_header_round_trip_and_incomplete() {
-        let h = RequestHeader { flags: CMD_FLAG_FUA, command: CMD_WRITE, cookie: 7, offset: 4096, length: 512 };
+        let h = RequestHeader {
+            flags: CMD_FLAG_FUA,
+            command: CMD_WRITE,
+            cookie: 7,
+            offset: 4096,
+            length: 512,
+        };
         let bytes = h.to_bytes();
         for n in 0..REQUEST_HEADER_LEN {
             assert_eq!(parse_request_header(&bytes[..n]), Ok(None), "prefix of {n}");
@@ -208,16 +236,32 @@ mod tests {
 
     #[test]
     fn request_header_bad_magic_is_fatal() {
-        let mut bytes = RequestHeader { flags: 0, command: 0, cookie: 0, offset: 0, length: 0 }.to_bytes();
+        let mut bytes = RequestHeader {
+            flags: 0,
+            command: 0,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        }
+        .to_bytes();
         bytes[0] ^= 1;
-        assert_eq!(parse_request_header(&bytes), Err(ProtoError::BadRequestMagic(0x2460_9513)));
+        assert_eq!(
+            parse_request_header(&bytes),
+            Err(ProtoError::BadRequestMagic(0x2460_9513))
+        );
     }
 
     // Goal: only WRITE carries a payload, whatever its flags or length.
     #[test]
     fn payload_len_only_for_write() {
         for cmd in 0..16u16 {
-            let h = RequestHeader { flags: 0, command: cmd, cookie: 0, offset: 0, length: 99 };
+            let h = RequestHeader {
+                flags: 0,
+                command: cmd,
+                cookie: 0,
+                offset: 0,
+                length: 99,
+            };
             assert_eq!(h.payload_len(), if cmd == CMD_WRITE { 99 } else { 0 });
         }
     }
@@ -225,10 +269,19 @@ mod tests {
     #[test]
     fn command_flags_per_spec() {
         assert_eq!(Command::from_wire(8), None);
-        assert_eq!(Command::from_wire(CMD_BLOCK_STATUS), Some(Command::BlockStatus));
+        assert_eq!(
+            Command::from_wire(CMD_BLOCK_STATUS),
+            Some(Command::BlockStatus)
+        );
         assert_eq!(Command::Read.allowed_flags(), CMD_FLAG_FUA | CMD_FLAG_DF);
-        assert_eq!(Command::WriteZeroes.allowed_flags(), CMD_FLAG_FUA | CMD_FLAG_NO_HOLE);
-        assert_eq!(Command::BlockStatus.allowed_flags(), CMD_FLAG_FUA | CMD_FLAG_REQ_ONE);
+        assert_eq!(
+            Command::WriteZeroes.allowed_flags(),
+            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE
+        );
+        assert_eq!(
+            Command::BlockStatus.allowed_flags(),
+            CMD_FLAG_FUA | CMD_FLAG_REQ_ONE
+        );
         assert_eq!(Command::Write.allowed_flags(), CMD_FLAG_FUA);
     }
 

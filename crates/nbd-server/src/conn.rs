@@ -63,17 +63,36 @@ async fn transmit<R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let Session { export, size, structured, block_status } = session;
-    let OpenExport { device, metrics, guard, mut kill, .. } = export;
+    let Session {
+        export,
+        size,
+        structured,
+        block_status,
+    } = session;
+    let OpenExport {
+        device,
+        metrics,
+        guard,
+        mut kill,
+        ..
+    } = export;
     let (replies, rx) = mpsc::unbounded_channel();
-    let conn = Arc::new(Conn { replies, metrics, structured });
+    let conn = Arc::new(Conn {
+        replies,
+        metrics,
+        structured,
+    });
     let mut writer = tokio::spawn(write_loop(wr, rx));
     let reader = Reader::new(device, size, block_status);
+    let mut writer_done = false;
     let killed = tokio::select! {
         _ = wait_true(&mut kill) => true,
         _ = wait_true(&mut shutdown) => false,
         // The writer only stops early when the socket failed: nobody is listening.
-        _ = &mut writer => false,
+        _ = &mut writer => {
+            writer_done = true;
+            false
+        }
         end = reader.run(&mut frames, conn) => {
             if let End::Protocol = end {
                 stats.protocol_errors_total.fetch_add(1, Relaxed);
@@ -82,14 +101,15 @@ async fn transmit<R, W>(
         }
     };
     // Our handle on `conn` is gone with the reader future; the writer drains the replies of
-    // the requests still in flight, then closes the socket.
-    if !killed {
+    // the requests still in flight, then closes the socket. (A finished JoinHandle must not
+    // be polled again, hence `writer_done`.)
+    if !killed && !writer_done {
         tokio::select! {
-            _ = &mut writer => {}
+            _ = &mut writer => writer_done = true,
             _ = wait_true(&mut kill) => {}
         }
     }
-    if killed || !writer.is_finished() {
+    if !writer_done {
         stats.connections_killed_total.fetch_add(1, Relaxed);
         writer.abort();
     }

@@ -44,7 +44,9 @@ pub struct OpenExport {
 
 impl std::fmt::Debug for OpenExport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpenExport").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("OpenExport")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 

@@ -36,11 +36,19 @@ pub(crate) struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn new(inner: R) -> Self {
-        FrameReader { inner, buf: vec![0; READ_BUFFER_LEN].into_boxed_slice(), start: 0, end: 0 }
+        FrameReader {
+            inner,
+            buf: vec![0; READ_BUFFER_LEN].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
     }
 
     /// The next frame, or `None` on a clean end of stream between frames.
-    pub(crate) async fn next<T>(&mut self, parse: impl Fn(&[u8]) -> Parsed<T>) -> Result<Option<T>, FrameError> {
+    pub(crate) async fn next<T>(
+        &mut self,
+        parse: impl Fn(&[u8]) -> Parsed<T>,
+    ) -> Result<Option<T>, FrameError> {
         loop {
             if let Some((msg, used)) = parse(&self.buf[self.start..self.end])? {
                 debug_assert!(used <= self.end - self.start);
@@ -48,7 +56,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(Some(msg));
             }
             if self.fill().await? == 0 {
-                return if self.start == self.end { Ok(None) } else { Err(FrameError::Truncated) };
+                return if self.start == self.end {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
             }
         }
     }
@@ -106,7 +118,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.end -= self.start;
             self.start = 0;
         }
-        debug_assert!(self.end < self.buf.len(), "frame larger than the read buffer");
+        debug_assert!(
+            self.end < self.buf.len(),
+            "frame larger than the read buffer"
+        );
         let n = self.inner.read(&mut self.buf[self.end..]).await?;
         self.end += n;
         Ok(n)
@@ -120,7 +135,15 @@ mod tests {
     use nbd_proto::RequestHeader;
 
     fn header(cookie: u64, len: u32) -> Vec<u8> {
-        RequestHeader { flags: 0, command: 1, cookie, offset: 0, length: len }.to_bytes().to_vec()
+        RequestHeader {
+            flags: 0,
+            command: 1,
+            cookie,
+            offset: 0,
+            length: len,
+        }
+        .to_bytes()
+        .to_vec()
     }
 
     // Goal: frames split at every byte boundary still parse; payloads small and large come
@@ -154,6 +177,9 @@ mod tests {
         tx.write_all(&header(4, 0)[..10]).await.unwrap();
         drop(tx);
         let mut r = FrameReader::new(rx);
-        assert!(matches!(r.next(parse_request_header).await, Err(FrameError::Truncated)));
+        assert!(matches!(
+            r.next(parse_request_header).await,
+            Err(FrameError::Truncated)
+        ));
     }
 }

@@ -60,13 +60,24 @@ where
     let mut out = Vec::with_capacity(256);
     hs::encode_greeting(&mut out);
     w.write_all(&out).await?;
-    let client = reader.next(parse_client_flags).await?.ok_or(HandshakeError::Eof)?;
-    let mut st = Haggle { client, ..Haggle::default() };
+    let client = reader
+        .next(parse_client_flags)
+        .await?
+        .ok_or(HandshakeError::Eof)?;
+    let mut st = Haggle {
+        client,
+        ..Haggle::default()
+    };
     loop {
-        let opt = reader.next(parse_option).await?.ok_or(HandshakeError::Eof)?;
+        let opt = reader
+            .next(parse_option)
+            .await?
+            .ok_or(HandshakeError::Eof)?;
         out.clear();
         let step = match opt.body {
-            OptionBody::ExportName(name) => return export_name(w, exports, &st, name).await.map(Some),
+            OptionBody::ExportName(name) => {
+                return export_name(w, exports, &st, name).await.map(Some)
+            }
             OptionBody::Abort => {
                 hs::encode_rep_ack(&mut out, opt.code);
                 // The client may already have closed; its reply is a courtesy.
@@ -81,7 +92,9 @@ where
                 hs::encode_rep_error(&mut out, opt.code, REP_ERR_TOO_BIG, "option data too long");
                 None
             }
-            OptionBody::Malformed(why) if opt.code == OPT_EXPORT_NAME => return Err(refused("?", why)),
+            OptionBody::Malformed(why) if opt.code == OPT_EXPORT_NAME => {
+                return Err(refused("?", why))
+            }
             OptionBody::Go(req) => go(&mut out, exports, &st, req),
             body => {
                 answer(&mut out, exports, &mut st, opt.code, body);
@@ -96,7 +109,10 @@ where
 }
 
 fn refused(name: &str, reason: &str) -> HandshakeError {
-    HandshakeError::ExportNameRefused { name: name.into(), reason: reason.into() }
+    HandshakeError::ExportNameRefused {
+        name: name.into(),
+        reason: reason.into(),
+    }
 }
 
 /// `NBD_OPT_EXPORT_NAME`: the old way in; a refusal can only be a hard disconnect.
@@ -106,14 +122,21 @@ async fn export_name<W: AsyncWrite + Unpin>(
     st: &Haggle,
     name: String,
 ) -> Result<Session, HandshakeError> {
-    let export = exports.open(&name).map_err(|e| refused(&name, &e.to_string()))?;
+    let export = exports
+        .open(&name)
+        .map_err(|e| refused(&name, &e.to_string()))?;
     let size = export.device.size_bytes();
     let mut out = Vec::new();
     let flags = hs::server_transmission_flags(st.structured);
     hs::encode_export_name_reply(&mut out, size, flags, st.client.no_zeroes);
     w.write_all(&out).await?;
     let block_status = st.structured && st.meta_export.as_deref() == Some(name.as_str());
-    Ok(Session { export, size, structured: st.structured, block_status })
+    Ok(Session {
+        export,
+        size,
+        structured: st.structured,
+        block_status,
+    })
 }
 
 /// `NBD_OPT_GO`: opens the export and enters transmission, or replies with the error.
@@ -121,9 +144,22 @@ fn go(out: &mut Vec<u8>, exports: &dyn Exports, st: &Haggle, req: InfoRequest) -
     match exports.open(&req.name) {
         Ok(export) => {
             let size = export.device.size_bytes();
-            info_replies(out, OPT_GO, &export.info, size, st.structured, &req.info_types);
-            let block_status = st.structured && st.meta_export.as_deref() == Some(req.name.as_str());
-            Some(Session { export, size, structured: st.structured, block_status })
+            info_replies(
+                out,
+                OPT_GO,
+                &export.info,
+                size,
+                st.structured,
+                &req.info_types,
+            );
+            let block_status =
+                st.structured && st.meta_export.as_deref() == Some(req.name.as_str());
+            Some(Session {
+                export,
+                size,
+                structured: st.structured,
+                block_status,
+            })
         }
         Err(e) => {
             hs::encode_rep_error(out, OPT_GO, e.reply_type(), &e.to_string());
@@ -142,7 +178,14 @@ fn answer(out: &mut Vec<u8>, exports: &dyn Exports, st: &mut Haggle, code: u32, 
             hs::encode_rep_ack(out, code);
         }
         OptionBody::Info(req) => match exports.info(&req.name) {
-            Ok(info) => info_replies(out, code, &info, info.size_bytes, st.structured, &req.info_types),
+            Ok(info) => info_replies(
+                out,
+                code,
+                &info,
+                info.size_bytes,
+                st.structured,
+                &req.info_types,
+            ),
             Err(e) => hs::encode_rep_error(out, code, e.reply_type(), &e.to_string()),
         },
         OptionBody::StructuredReply => {
@@ -152,18 +195,31 @@ fn answer(out: &mut Vec<u8>, exports: &dyn Exports, st: &mut Haggle, code: u32, 
         OptionBody::ListMetaContext(req) => meta_context(out, exports, st, code, req, false),
         OptionBody::SetMetaContext(req) => meta_context(out, exports, st, code, req, true),
         OptionBody::Malformed(why) => hs::encode_rep_error(out, code, REP_ERR_INVALID, why),
-        OptionBody::Unsupported => {
-            hs::encode_rep_error(out, code, REP_ERR_UNSUP, &format!("option {code} is not supported"))
-        }
+        OptionBody::Unsupported => hs::encode_rep_error(
+            out,
+            code,
+            REP_ERR_UNSUP,
+            &format!("option {code} is not supported"),
+        ),
         // Handled by the caller; listed so a new variant is a compile error here.
-        OptionBody::ExportName(_) | OptionBody::Abort | OptionBody::Go(_) | OptionBody::TooBig { .. } => {
+        OptionBody::ExportName(_)
+        | OptionBody::Abort
+        | OptionBody::Go(_)
+        | OptionBody::TooBig { .. } => {
             unreachable!("handled in negotiate")
         }
     }
 }
 
 /// The `NBD_REP_INFO` replies and the final ACK of a successful INFO or GO.
-fn info_replies(out: &mut Vec<u8>, code: u32, info: &ExportInfo, size: u64, structured: bool, asked: &[u16]) {
+fn info_replies(
+    out: &mut Vec<u8>,
+    code: u32,
+    info: &ExportInfo,
+    size: u64,
+    structured: bool,
+    asked: &[u16],
+) {
     hs::encode_info_export(out, code, size, hs::server_transmission_flags(structured));
     if asked.contains(&INFO_NAME) {
         hs::encode_info_string(out, code, INFO_NAME, &info.name);
@@ -178,7 +234,14 @@ fn info_replies(out: &mut Vec<u8>, code: u32, info: &ExportInfo, size: u64, stru
 }
 
 /// LIST_META_CONTEXT (`set == false`) and SET_META_CONTEXT (`set == true`).
-fn meta_context(out: &mut Vec<u8>, exports: &dyn Exports, st: &mut Haggle, code: u32, req: MetaRequest, set: bool) {
+fn meta_context(
+    out: &mut Vec<u8>,
+    exports: &dyn Exports,
+    st: &mut Haggle,
+    code: u32,
+    req: MetaRequest,
+    set: bool,
+) {
     if set {
         // Spec: a SET replaces the previous selection even when it fails.
         st.meta_export = None;
@@ -194,7 +257,11 @@ fn meta_context(out: &mut Vec<u8>, exports: &dyn Exports, st: &mut Haggle, code:
         req.queries.iter().any(|q| q == META_BASE_ALLOCATION)
     } else {
         // No query lists everything; "base:" is the namespace wildcard.
-        req.queries.is_empty() || req.queries.iter().any(|q| q == "base:" || q == META_BASE_ALLOCATION)
+        req.queries.is_empty()
+            || req
+                .queries
+                .iter()
+                .any(|q| q == "base:" || q == META_BASE_ALLOCATION)
     };
     if matches {
         // LIST replies carry id 0 (spec: reserved, clients disregard it).

@@ -52,7 +52,12 @@ enum Listener {
     Unix(UnixListener),
 }
 
-async fn serve(listener: Listener, exports: Arc<dyn Exports>, stats: Arc<ServerStats>, mut shutdown: watch::Receiver<bool>) {
+async fn serve(
+    listener: Listener,
+    exports: Arc<dyn Exports>,
+    stats: Arc<ServerStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut tasks = JoinSet::new();
     loop {
@@ -70,7 +75,8 @@ async fn serve(listener: Listener, exports: Arc<dyn Exports>, stats: Arc<ServerS
             stats.connections_refused_total.fetch_add(1, Relaxed);
             continue; // dropping the stream closes it
         };
-        let (exports, stats, shutdown) = (Arc::clone(&exports), Arc::clone(&stats), shutdown.clone());
+        let (exports, stats, shutdown) =
+            (Arc::clone(&exports), Arc::clone(&stats), shutdown.clone());
         match conn {
             Accepted::Tcp(s) => {
                 let (r, w) = s.into_split();
@@ -89,7 +95,9 @@ async fn serve(listener: Listener, exports: Arc<dyn Exports>, stats: Arc<ServerS
         }
     }
     drop(listener);
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} });
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    });
     if drained.await.is_err() {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}

@@ -31,12 +31,42 @@ impl ServerStats {
     /// Appends every series with its `# HELP` and `# TYPE` lines.
     pub fn render_prometheus(&self, out: &mut String) {
         let series: [(&str, &str, &str, &AtomicU64); 6] = [
-            ("connections_total", "counter", "NBD connections accepted.", &self.connections_total),
-            ("connections_open", "gauge", "NBD connections being served.", &self.connections_open),
-            ("connections_refused_total", "counter", "NBD connections refused at the connection limit.", &self.connections_refused_total),
-            ("handshake_failures_total", "counter", "NBD handshakes that failed.", &self.handshake_failures_total),
-            ("protocol_errors_total", "counter", "NBD connections closed for broken framing.", &self.protocol_errors_total),
-            ("connections_killed_total", "counter", "NBD connections closed by a kill signal.", &self.connections_killed_total),
+            (
+                "connections_total",
+                "counter",
+                "NBD connections accepted.",
+                &self.connections_total,
+            ),
+            (
+                "connections_open",
+                "gauge",
+                "NBD connections being served.",
+                &self.connections_open,
+            ),
+            (
+                "connections_refused_total",
+                "counter",
+                "NBD connections refused at the connection limit.",
+                &self.connections_refused_total,
+            ),
+            (
+                "handshake_failures_total",
+                "counter",
+                "NBD handshakes that failed.",
+                &self.handshake_failures_total,
+            ),
+            (
+                "protocol_errors_total",
+                "counter",
+                "NBD connections closed for broken framing.",
+                &self.protocol_errors_total,
+            ),
+            (
+                "connections_killed_total",
+                "counter",
+                "NBD connections closed by a kill signal.",
+                &self.connections_killed_total,
+            ),
         ];
         for (name, kind, help, value) in series {
             let _ = writeln!(out, "# HELP blockwarden_nbd_{name} {help}");

@@ -73,7 +73,11 @@ impl Reader {
     }
 
     /// Reads and submits requests until the client disconnects or breaks framing.
-    pub(crate) async fn run<R: AsyncRead + Unpin>(&self, frames: &mut FrameReader<R>, conn: Arc<Conn>) -> End {
+    pub(crate) async fn run<R: AsyncRead + Unpin>(
+        &self,
+        frames: &mut FrameReader<R>,
+        conn: Arc<Conn>,
+    ) -> End {
         loop {
             let h = match frames.next(parse_request_header).await {
                 Ok(Some(h)) => h,
@@ -87,7 +91,10 @@ impl Reader {
                     if let Err(e) = frames.discard(h.payload_len().into()).await {
                         return end_of(e);
                     }
-                    let budget = Budget { _request: request, _bytes: None };
+                    let budget = Budget {
+                        _request: request,
+                        _bytes: None,
+                    };
                     Pending::new(&conn, &h, Instant::now(), budget).fail(errno, why);
                     continue;
                 }
@@ -96,20 +103,31 @@ impl Reader {
                 return End::Disc;
             }
             let bytes = match cmd {
-                Command::Read | Command::Write if h.length > 0 => Some(acquire(&self.bytes, h.length).await),
+                Command::Read | Command::Write if h.length > 0 => {
+                    Some(acquire(&self.bytes, h.length).await)
+                }
                 _ => None,
             };
-            let budget = Budget { _request: request, _bytes: bytes };
+            let budget = Budget {
+                _request: request,
+                _bytes: bytes,
+            };
             let req = match self.build(frames, cmd, &h).await {
                 Ok(req) => req,
                 Err(e) => return end_of(e),
             };
             let pending = Pending::new(&conn, &h, Instant::now(), budget);
             match req {
-                Some(req) => self.device.submit(req, Box::new(move |res| pending.complete(res))),
+                Some(req) => self
+                    .device
+                    .submit(req, Box::new(move |res| pending.complete(res))),
                 // Zero-length READ/WRITE/TRIM/WRITE_ZEROES: nothing to do (spec: unspecified,
                 // SHOULD NOT disconnect); answered as an empty success.
-                None => pending.complete(Ok(if cmd == Command::Read { IoReply::Data(Vec::new()) } else { IoReply::Done })),
+                None => pending.complete(Ok(if cmd == Command::Read {
+                    IoReply::Data(Vec::new())
+                } else {
+                    IoReply::Done
+                })),
             }
         }
     }
@@ -130,16 +148,28 @@ impl Reader {
         match cmd {
             Command::Read if h.length > MAX_PAYLOAD_LEN => {
                 // With structured replies EOVERFLOW tells the client to retry smaller.
-                Err((if structured { EOVERFLOW } else { EINVAL }, "read longer than the 32 MiB maximum payload"))
+                Err((
+                    if structured { EOVERFLOW } else { EINVAL },
+                    "read longer than the 32 MiB maximum payload",
+                ))
             }
-            Command::Write if h.length > MAX_PAYLOAD_LEN => Err((EINVAL, "write longer than the 32 MiB maximum payload")),
-            Command::Read | Command::Trim if !in_range => Err((EINVAL, "request extends past the end of the export")),
-            Command::Write | Command::WriteZeroes if !in_range => Err((ENOSPC, "write extends past the end of the export")),
-            Command::BlockStatus if !self.block_status => {
-                Err((EINVAL, "block status needs structured replies and base:allocation"))
+            Command::Write if h.length > MAX_PAYLOAD_LEN => {
+                Err((EINVAL, "write longer than the 32 MiB maximum payload"))
             }
+            Command::Read | Command::Trim if !in_range => {
+                Err((EINVAL, "request extends past the end of the export"))
+            }
+            Command::Write | Command::WriteZeroes if !in_range => {
+                Err((ENOSPC, "write extends past the end of the export"))
+            }
+            Command::BlockStatus if !self.block_status => Err((
+                EINVAL,
+                "block status needs structured replies and base:allocation",
+            )),
             Command::BlockStatus if h.length == 0 => Err((EINVAL, "block status of zero bytes")),
-            Command::BlockStatus if !in_range => Err((EINVAL, "request extends past the end of the export")),
+            Command::BlockStatus if !in_range => {
+                Err((EINVAL, "request extends past the end of the export"))
+            }
             Command::Cache => Err((EINVAL, "NBD_CMD_CACHE is not supported")),
             _ => Ok(cmd),
         }
@@ -154,19 +184,40 @@ impl Reader {
         h: &RequestHeader,
     ) -> Result<Option<IoRequest>, FrameError> {
         let (offset, len, fua) = (h.offset, h.length, h.flags & CMD_FLAG_FUA != 0);
-        if len == 0 && matches!(cmd, Command::Read | Command::Write | Command::Trim | Command::WriteZeroes) {
+        if len == 0
+            && matches!(
+                cmd,
+                Command::Read | Command::Write | Command::Trim | Command::WriteZeroes
+            )
+        {
             return Ok(None);
         }
         Ok(Some(match cmd {
             Command::Read => IoRequest::Read { offset, len },
-            Command::Write => IoRequest::Write { offset, data: frames.payload(len as usize).await?, fua },
+            Command::Write => IoRequest::Write {
+                offset,
+                data: frames.payload(len as usize).await?,
+                fua,
+            },
             Command::Flush => IoRequest::Flush,
-            Command::Trim => IoRequest::Trim { offset, len: len.into(), fua },
+            Command::Trim => IoRequest::Trim {
+                offset,
+                len: len.into(),
+                fua,
+            },
             Command::WriteZeroes => {
                 let may_punch = h.flags & CMD_FLAG_NO_HOLE == 0;
-                IoRequest::WriteZeroes { offset, len: len.into(), may_punch, fua }
+                IoRequest::WriteZeroes {
+                    offset,
+                    len: len.into(),
+                    may_punch,
+                    fua,
+                }
             }
-            Command::BlockStatus => IoRequest::BlockStatus { offset, len: len.into() },
+            Command::BlockStatus => IoRequest::BlockStatus {
+                offset,
+                len: len.into(),
+            },
             Command::Disc | Command::Cache => unreachable!("filtered by check"),
         }))
     }
@@ -184,7 +235,10 @@ async fn acquire(sem: &Arc<Semaphore>, n: u32) -> OwnedSemaphorePermit {
     match Arc::clone(sem).try_acquire_many_owned(n) {
         Ok(p) => p,
         // The semaphores are never closed.
-        Err(_) => Arc::clone(sem).acquire_many_owned(n).await.expect("semaphore never closed"),
+        Err(_) => Arc::clone(sem)
+            .acquire_many_owned(n)
+            .await
+            .expect("semaphore never closed"),
     }
 }
 
@@ -221,7 +275,10 @@ impl Pending {
         match (io_kind(self.command), res) {
             (Some(IoKind::Read), Ok(IoReply::Data(d))) if d.len() == self.length as usize => {
                 if d.is_empty() && structured {
-                    self.send_ok(&tx::chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0), d)
+                    self.send_ok(
+                        &tx::chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0),
+                        d,
+                    )
                 } else if structured {
                     // One chunk marked DONE: the data is complete, no error can follow.
                     self.send_ok(&tx::offset_data_header(cookie, offset, d.len() as u32), d)
@@ -238,7 +295,9 @@ impl Pending {
                 tx::encode_chunk_block_status(&mut chunk, cookie, BASE_ALLOCATION_ID, &ds);
                 self.send_ok(&[], chunk)
             }
-            (Some(IoKind::Read | IoKind::BlockStatus), Ok(_)) => self.fail(EIO, "device returned a malformed reply"),
+            (Some(IoKind::Read | IoKind::BlockStatus), Ok(_)) => {
+                self.fail(EIO, "device returned a malformed reply")
+            }
             (_, Ok(_)) => self.send_ok(&tx::simple_reply(0, cookie), Vec::new()),
             (kind, Err(e)) => self.fail(errno(&e, kind), &e.to_string()),
         }
@@ -250,22 +309,33 @@ impl Pending {
                 IoKind::Read | IoKind::Write => u64::from(self.length),
                 _ => 0,
             };
-            self.conn.metrics.record(kind, bytes, self.received.elapsed(), true);
+            self.conn
+                .metrics
+                .record(kind, bytes, self.received.elapsed(), true);
         }
-        let _ = self.conn.replies.send(Outgoing::new(head, data, Some(self.budget)));
+        let _ = self
+            .conn
+            .replies
+            .send(Outgoing::new(head, data, Some(self.budget)));
     }
 
     /// Queues an error reply (a structured ERROR chunk with the message when negotiated).
     fn fail(self, errno: u32, message: &str) {
         if let Some(kind) = io_kind(self.command) {
-            self.conn.metrics.record(kind, 0, self.received.elapsed(), false);
+            self.conn
+                .metrics
+                .record(kind, 0, self.received.elapsed(), false);
         }
         let out = if self.conn.structured {
             let mut chunk = Vec::with_capacity(32 + message.len());
             tx::encode_chunk_error(&mut chunk, self.cookie, errno, message);
             Outgoing::new(&[], chunk, Some(self.budget))
         } else {
-            Outgoing::new(&tx::simple_reply(errno, self.cookie), Vec::new(), Some(self.budget))
+            Outgoing::new(
+                &tx::simple_reply(errno, self.cookie),
+                Vec::new(),
+                Some(self.budget),
+            )
         };
         let _ = self.conn.replies.send(out);
     }
@@ -315,7 +385,10 @@ fn descriptors(extents: &[Extent], requested: u32, req_one: bool) -> Vec<BlockDe
             len = len.min(requested.into());
         }
         let flags = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
-        out.push(BlockDescriptor { length: len as u32, flags });
+        out.push(BlockDescriptor {
+            length: len as u32,
+            flags,
+        });
         covered += len;
         // After a cut extent the next one would start at the wrong offset.
         if req_one || len < e.len {
@@ -330,7 +403,11 @@ mod tests {
     use super::*;
 
     fn ext(len: u64, hole: bool) -> Extent {
-        Extent { len, hole, zero: hole }
+        Extent {
+            len,
+            hole,
+            zero: hole,
+        }
     }
 
     // Goal: descriptor lists obey REQ_ONE, the length cap, and the "N-1 below request" rule.
@@ -339,13 +416,31 @@ mod tests {
         let e = [ext(4096, false), ext(8192, true), ext(4096, false)];
         let d = descriptors(&e, 16384, false);
         assert_eq!(d.len(), 3);
-        assert_eq!(d[1], BlockDescriptor { length: 8192, flags: STATE_HOLE | STATE_ZERO });
+        assert_eq!(
+            d[1],
+            BlockDescriptor {
+                length: 8192,
+                flags: STATE_HOLE | STATE_ZERO
+            }
+        );
         assert_eq!(descriptors(&e, 4096, false).len(), 1);
         assert_eq!(descriptors(&e, 4097, false).len(), 2);
-        assert_eq!(descriptors(&e, 16384, true), vec![BlockDescriptor { length: 4096, flags: 0 }]);
+        assert_eq!(
+            descriptors(&e, 16384, true),
+            vec![BlockDescriptor {
+                length: 4096,
+                flags: 0
+            }]
+        );
         assert_eq!(descriptors(&[ext(10_000, true)], 512, true)[0].length, 512);
         let huge = descriptors(&[ext(1 << 40, true), ext(1, false)], u32::MAX, false);
-        assert_eq!(huge, vec![BlockDescriptor { length: 0xffff_fe00, flags: 3 }]);
+        assert_eq!(
+            huge,
+            vec![BlockDescriptor {
+                length: 0xffff_fe00,
+                flags: 3
+            }]
+        );
         assert!(descriptors(&[ext(0, false)], 4096, false).is_empty());
     }
 
@@ -358,7 +453,10 @@ mod tests {
         assert_eq!(errno(&IoError::OutOfRange, w), EINVAL);
         assert_eq!(errno(&IoError::Invalid("x".into()), w), EINVAL);
         assert_eq!(errno(&IoError::Unsupported, w), EINVAL);
-        assert_eq!(errno(&IoError::Unsupported, Some(IoKind::WriteZeroes)), ENOTSUP);
+        assert_eq!(
+            errno(&IoError::Unsupported, Some(IoKind::WriteZeroes)),
+            ENOTSUP
+        );
         assert_eq!(errno(&IoError::Unsupported, Some(IoKind::Trim)), ENOTSUP);
         assert_eq!(errno(&IoError::ShuttingDown, w), ESHUTDOWN);
     }

@@ -37,7 +37,12 @@ impl Outgoing {
     pub(crate) fn new(head: &[u8], data: Vec<u8>, budget: Option<Budget>) -> Outgoing {
         let mut h = [0u8; HEAD_MAX];
         h[..head.len()].copy_from_slice(head);
-        Outgoing { head: h, head_len: head.len() as u8, data, _budget: budget }
+        Outgoing {
+            head: h,
+            head_len: head.len() as u8,
+            data,
+            _budget: budget,
+        }
     }
 
     fn head(&self) -> &[u8] {
@@ -51,7 +56,10 @@ impl Outgoing {
 
 /// Writes replies until every sender is gone (all in-flight requests answered and the reader
 /// finished), then shuts the socket's write side down.
-pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> io::Result<()> {
+pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) -> io::Result<()> {
     let mut batch = Vec::with_capacity(MAX_BATCH_REPLIES);
     while let Some(first) = rx.recv().await {
         let mut bytes = first.len();
@@ -105,7 +113,9 @@ mod tests {
             let data = vec![i as u8; (i % 7) as usize * 100];
             want.extend_from_slice(&i.to_be_bytes());
             want.extend_from_slice(&data);
-            tx.send(Outgoing::new(&i.to_be_bytes(), data, None)).ok().unwrap();
+            tx.send(Outgoing::new(&i.to_be_bytes(), data, None))
+                .ok()
+                .unwrap();
         }
         drop(tx);
         let (a, mut b) = tokio::io::duplex(13);

@@ -136,7 +136,11 @@ impl Agent {
             if self.log().contains(READY_LINE) {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
                 panic!(
                     "agent exited with {status} before it was ready; log {}:\n{}",
@@ -302,8 +306,12 @@ impl Agent {
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["-o", "json"]);
         let out = self.cli_ok(&all);
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("`blockwarden {}` printed invalid JSON ({e}):\n{out}", all.join(" ")))
+        serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!(
+                "`blockwarden {}` printed invalid JSON ({e}):\n{out}",
+                all.join(" ")
+            )
+        })
     }
 
     /// Runs the CLI expecting failure; returns stderr. Panics if it succeeded.

@@ -111,7 +111,9 @@ pub fn require_tool(tool: &str) -> bool {
     if have_tool(tool) {
         return true;
     }
-    skip_or_panic(&format!("missing tool {tool}; run scripts/install-test-deps.sh"))
+    skip_or_panic(&format!(
+        "missing tool {tool}; run scripts/install-test-deps.sh"
+    ))
 }
 
 /// Like [`require_tool`] for tests that need root (loop devices, mounts).
@@ -147,11 +149,8 @@ mod tests {
     #[test]
     fn timeout_kills_a_stuck_command() {
         let start = Instant::now();
-        let err = run_with_timeout(
-            Command::new("sleep").arg("30"),
-            Duration::from_millis(200),
-        )
-        .unwrap_err();
+        let err = run_with_timeout(Command::new("sleep").arg("30"), Duration::from_millis(200))
+            .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
         assert!(start.elapsed() < Duration::from_secs(10));
     }

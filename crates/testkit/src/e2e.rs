@@ -51,7 +51,10 @@ pub fn urandom_file(path: &Path, size: u64) {
 
 /// `sha256sum` of a file, as hex.
 pub fn sha256(path: &Path) -> String {
-    let out = run_ok(Command::new("sha256sum").arg(path), Duration::from_secs(300));
+    let out = run_ok(
+        Command::new("sha256sum").arg(path),
+        Duration::from_secs(300),
+    );
     out.split_whitespace().next().unwrap_or_default().to_owned()
 }
 
@@ -64,7 +67,9 @@ pub struct Cleanup {
 
 impl std::fmt::Debug for Cleanup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.steps.iter().map(|(n, _)| n)).finish()
+        f.debug_list()
+            .entries(self.steps.iter().map(|(n, _)| n))
+            .finish()
     }
 }
 

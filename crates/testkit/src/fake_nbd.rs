@@ -49,7 +49,10 @@ impl FakeNbd {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
-        let disk = Arc::new(Mutex::new(Disk { durable: image.clone(), live: image }));
+        let disk = Arc::new(Mutex::new(Disk {
+            durable: image.clone(),
+            live: image,
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         let (d, s, name) = (disk.clone(), stop.clone(), export.to_owned());
         let accept = std::thread::spawn(move || {
@@ -65,7 +68,13 @@ impl FakeNbd {
                 }
             }
         });
-        FakeNbd { addr, export: export.to_owned(), disk, stop, accept: Some(accept) }
+        FakeNbd {
+            addr,
+            export: export.to_owned(),
+            disk,
+            stop,
+            accept: Some(accept),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -131,7 +140,12 @@ const FAKE_FLAGS: u16 = FLAG_HAS_FLAGS
     | FLAG_SEND_WRITE_ZEROES
     | FLAG_CAN_MULTI_CONN;
 
-fn serve(sock: TcpStream, export: &str, disk: &Mutex<Disk>, stop: &AtomicBool) -> std::io::Result<()> {
+fn serve(
+    sock: TcpStream,
+    export: &str,
+    disk: &Mutex<Disk>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
     sock.set_nodelay(true)?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
     let mut w = sock.try_clone()?;
@@ -139,7 +153,8 @@ fn serve(sock: TcpStream, export: &str, disk: &Mutex<Disk>, stop: &AtomicBool) -
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
     w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
-    let read_timeout = |r: &mut BufReader<TcpStream>| r.get_ref().set_read_timeout(Some(Duration::from_secs(30)));
+    let read_timeout =
+        |r: &mut BufReader<TcpStream>| r.get_ref().set_read_timeout(Some(Duration::from_secs(30)));
     read_timeout(&mut r)?;
     let _client_flags = u32::from_be_bytes(rd::<4>(&mut r)?);
     let size = disk.lock().expect("lock").live.len() as u64;
@@ -157,7 +172,9 @@ fn serve(sock: TcpStream, export: &str, disk: &Mutex<Disk>, stop: &AtomicBool) -
         r.read_exact(&mut data)?;
         match opt {
             OPT_GO | OPT_INFO => {
-                let n = data.get(..4).map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4")));
+                let n = data
+                    .get(..4)
+                    .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4")));
                 let name = data.get(4..4 + n as usize).unwrap_or_default();
                 if name != export.as_bytes() {
                     opt_reply(&mut w, opt, REP_ERR_UNKNOWN, b"no such export")?;
@@ -217,7 +234,9 @@ fn serve(sock: TcpStream, export: &str, disk: &Mutex<Disk>, stop: &AtomicBool) -
             payload = vec![0u8; len as usize];
             r.read_exact(&mut payload)?;
         }
-        let in_range = off.checked_add(u64::from(len)).is_some_and(|end| end <= size);
+        let in_range = off
+            .checked_add(u64::from(len))
+            .is_some_and(|end| end <= size);
         let range = off as usize..off as usize + len as usize;
         let mut data = Vec::new();
         let err = {

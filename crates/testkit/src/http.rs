@@ -24,7 +24,10 @@ impl Response {
     #[track_caller]
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| {
-            panic!("HTTP {} body is not JSON ({e}): {:?}", self.status, self.body)
+            panic!(
+                "HTTP {} body is not JSON ({e}): {:?}",
+                self.status, self.body
+            )
         })
     }
 }
@@ -60,7 +63,10 @@ pub fn send_raw(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Response> {
     parse(&raw).ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("unparsable HTTP response: {:?}", String::from_utf8_lossy(&raw)),
+            format!(
+                "unparsable HTTP response: {:?}",
+                String::from_utf8_lossy(&raw)
+            ),
         )
     })
 }
@@ -77,8 +83,16 @@ fn parse(raw: &[u8]) -> Option<Response> {
     let chunked = headers.iter().any(|(k, v)| {
         k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
     });
-    let body = if chunked { dechunk(rest)? } else { rest.to_owned() };
-    Some(Response { status, headers, body })
+    let body = if chunked {
+        dechunk(rest)?
+    } else {
+        rest.to_owned()
+    };
+    Some(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn dechunk(mut s: &str) -> Option<String> {
@@ -100,7 +114,8 @@ mod tests {
 
     #[test]
     fn parses_plain_and_chunked() {
-        let r = parse(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\r\n{\"a\":1}").unwrap();
+        let r = parse(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\r\n{\"a\":1}")
+            .unwrap();
         assert_eq!(r.status, 404);
         assert_eq!(r.header("content-type"), Some("application/json"));
         assert_eq!(r.json()["a"], 1);

@@ -111,7 +111,11 @@ pub enum ClientError {
     /// The server answered a request with a nonzero NBD error.
     Nbd { errno: u32, handle: u64 },
     /// The server refused an option (`NBD_REP_ERR_*`), with its message.
-    OptionRejected { option: u32, reply: u32, message: String },
+    OptionRejected {
+        option: u32,
+        reply: u32,
+        message: String,
+    },
     /// The server broke the protocol.
     Protocol(String),
 }
@@ -121,9 +125,17 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::Io(e) => write!(f, "NBD transport: {e}"),
             ClientError::Nbd { errno, handle } => {
-                write!(f, "NBD error {} ({errno}) for handle {handle}", errno_name(*errno))
+                write!(
+                    f,
+                    "NBD error {} ({errno}) for handle {handle}",
+                    errno_name(*errno)
+                )
             }
-            ClientError::OptionRejected { option, reply, message } => write!(
+            ClientError::OptionRejected {
+                option,
+                reply,
+                message,
+            } => write!(
                 f,
                 "option {option} rejected with reply {:#x}: {message}",
                 reply
@@ -251,11 +263,7 @@ impl NbdClient {
         Self::handshake(Box::new(r), Box::new(s), export)
     }
 
-    fn handshake(
-        r: Box<dyn Read + Send>,
-        w: Box<dyn Write + Send>,
-        export: &str,
-    ) -> Result<Self> {
+    fn handshake(r: Box<dyn Read + Send>, w: Box<dyn Write + Send>, export: &str) -> Result<Self> {
         let mut c = NbdClient {
             reader: BufReader::new(r),
             writer: w,
@@ -282,7 +290,8 @@ impl NbdClient {
             return Err(ClientError::Protocol("server is not fixed-newstyle".into()));
         }
         // We never set NO_ZEROES: we only use OPT_GO, where the 124 zeroes are never sent.
-        self.writer.write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes())?;
+        self.writer
+            .write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes())?;
         Ok(())
     }
 
@@ -301,7 +310,9 @@ impl NbdClient {
     fn read_option_reply(&mut self, option: u32) -> Result<(u32, Vec<u8>)> {
         let magic = self.read_u64()?;
         if magic != OPT_REPLY_MAGIC {
-            return Err(ClientError::Protocol(format!("bad option reply magic {magic:#x}")));
+            return Err(ClientError::Protocol(format!(
+                "bad option reply magic {magic:#x}"
+            )));
         }
         let opt = self.read_u32()?;
         if opt != option {
@@ -312,7 +323,9 @@ impl NbdClient {
         let typ = self.read_u32()?;
         let len = self.read_u32()?;
         if len > MAX_PAYLOAD {
-            return Err(ClientError::Protocol(format!("option reply of {len} bytes")));
+            return Err(ClientError::Protocol(format!(
+                "option reply of {len} bytes"
+            )));
         }
         let mut data = vec![0; len as usize];
         self.reader.read_exact(&mut data)?;
@@ -368,7 +381,9 @@ impl NbdClient {
             }
         }
         if !saw_export {
-            return Err(ClientError::Protocol("OPT_GO acked without NBD_INFO_EXPORT".into()));
+            return Err(ClientError::Protocol(
+                "OPT_GO acked without NBD_INFO_EXPORT".into(),
+            ));
         }
         Ok(info)
     }
@@ -492,19 +507,37 @@ impl NbdClient {
             data = vec![0; len as usize];
             self.reader.read_exact(&mut data)?;
         }
-        Ok(Reply { handle, command, error, data })
+        Ok(Reply {
+            handle,
+            command,
+            error,
+            data,
+        })
     }
 
     /// Submits one request and waits for its reply (no other requests may be in flight).
-    fn call(&mut self, command: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> Result<Vec<u8>> {
+    fn call(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> Result<Vec<u8>> {
         assert!(self.in_flight.is_empty(), "call() with requests in flight");
         let h = self.submit(command, flags, offset, len, data)?;
         let r = self.receive()?;
         if r.handle != h {
-            return Err(ClientError::Protocol(format!("reply for {} instead of {h}", r.handle)));
+            return Err(ClientError::Protocol(format!(
+                "reply for {} instead of {h}",
+                r.handle
+            )));
         }
         if r.error != 0 {
-            return Err(ClientError::Nbd { errno: r.error, handle: h });
+            return Err(ClientError::Nbd {
+                errno: r.error,
+                handle: h,
+            });
         }
         Ok(r.data)
     }
@@ -515,7 +548,8 @@ impl NbdClient {
 
     pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
-        self.call(CMD_WRITE, flags, offset, data.len() as u32, data).map(drop)
+        self.call(CMD_WRITE, flags, offset, data.len() as u32, data)
+            .map(drop)
     }
 
     pub fn flush(&mut self) -> Result<()> {
@@ -528,7 +562,8 @@ impl NbdClient {
 
     pub fn write_zeroes(&mut self, offset: u64, len: u32, no_hole: bool) -> Result<()> {
         let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
-        self.call(CMD_WRITE_ZEROES, flags, offset, len, &[]).map(drop)
+        self.call(CMD_WRITE_ZEROES, flags, offset, len, &[])
+            .map(drop)
     }
 
     /// Sends `NBD_CMD_DISC` and closes (the server sends no reply).

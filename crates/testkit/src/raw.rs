@@ -137,8 +137,12 @@ mod tests {
             s.write_all(&b).unwrap();
         });
         let mut c = RawConn::connect(addr).unwrap();
-        c.send(&Frame::new().u16(0x0102).bytes(&[3]).build()).unwrap();
-        assert_eq!(c.read_exact_timeout(3, Duration::from_secs(5)).unwrap(), [1, 2, 3]);
+        c.send(&Frame::new().u16(0x0102).bytes(&[3]).build())
+            .unwrap();
+        assert_eq!(
+            c.read_exact_timeout(3, Duration::from_secs(5)).unwrap(),
+            [1, 2, 3]
+        );
         assert!(c.wait_closed(Duration::from_secs(5)));
         t.join().unwrap();
     }

@@ -62,10 +62,6 @@ impl DataDir {
         Ok(DataDir { root, _lock: lock })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn volumes_dir(&self) -> PathBuf {
         self.root.join("volumes")
     }

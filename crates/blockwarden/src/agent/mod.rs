@@ -4,6 +4,7 @@
 mod control;
 pub mod datadir;
 mod exports;
+mod hooks;
 mod metrics;
 mod node;
 mod recovery;

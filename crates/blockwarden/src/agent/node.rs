@@ -17,6 +17,7 @@ use catalog::{Catalog, Expect, Level, Mode, NewEvent, VolumeRecord, VolumeState}
 use store::{LocalVolume, VolumeErrorEvent, VolumeOptions};
 
 use super::datadir::DataDir;
+use super::hooks::AlertHook;
 use super::volumes::{record_attach, record_attachment_change, AttachError, Me, Served};
 use crate::config::AgentConfig;
 use crate::logging::now_ms;
@@ -41,6 +42,8 @@ pub struct Node<C: Catalog> {
     pub started_at_ms: u64,
     pub nbd_stats: Arc<nbd_server::ServerStats>,
     pub runtime: tokio::runtime::Handle,
+    /// Runs the operator's alert command for warnings and errors.
+    pub hooks: Arc<AlertHook>,
 }
 
 impl<C: Catalog> Node<C> {
@@ -52,6 +55,7 @@ impl<C: Catalog> Node<C> {
                 name,
             },
             volumes_dir: data.volumes_dir(),
+            hooks: Arc::new(AlertHook::new(config.alert_command.clone())),
             config,
             catalog,
             served: Mutex::new(BTreeMap::new()),
@@ -78,6 +82,7 @@ impl<C: Catalog> Node<C> {
         if let Some(v) = volume {
             ev = ev.volume(v.as_str());
         }
+        self.hooks.fire(&ev, &self.runtime);
         if let Err(e) = self.catalog.append_event(ev).await {
             log::error!("cannot store event {kind}: {e}");
         }
@@ -86,14 +91,14 @@ impl<C: Catalog> Node<C> {
     /// Opens the device of a ready volume and starts serving it.
     pub fn serve(&self, rec: &VolumeRecord) -> Result<Arc<Served>, ApiError> {
         let path = self.volume_path(&rec.id);
-        let on_error = error_callback(self.catalog.clone(), self.runtime.clone(), rec.name.clone());
+        let on_error = error_callback(self.catalog.clone(), self.hooks.clone(), self.runtime.clone(), rec.name.clone());
         let options = VolumeOptions {
             on_error: Some(on_error),
             ..VolumeOptions::default()
         };
         let device = LocalVolume::open(&path, rec.size_bytes, options)
             .map_err(|e| ApiError::internal(format!("cannot open volume {}: {e}", rec.name)))?;
-        let served = Arc::new(Served::new(rec.name.clone(), rec.id.0.clone(), device));
+        let served = Arc::new(Served::new(rec.name.clone(), device));
         self.served
             .lock()
             .unwrap()
@@ -590,6 +595,7 @@ pub fn log_event(level: Level, kind: &str, volume: Option<&str>, message: &str) 
 /// Turns the store's error reports into events (I/O thread → runtime task).
 fn error_callback<C: Catalog>(
     catalog: Arc<C>,
+    hooks: Arc<AlertHook>,
     rt: tokio::runtime::Handle,
     name: Name,
 ) -> store::ErrorCallback {
@@ -614,6 +620,7 @@ fn error_callback<C: Catalog>(
         log_event(level, kind, Some(name.as_str()), &msg);
         let catalog = catalog.clone();
         let ev = NewEvent::now(level, kind, msg).volume(name.as_str());
+        hooks.fire(&ev, &rt);
         rt.spawn(async move {
             let _ = catalog.append_event(ev).await;
         });

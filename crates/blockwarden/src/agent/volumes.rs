@@ -38,7 +38,6 @@ impl Use {
 /// One volume served by this node.
 pub struct Served {
     pub name: Name,
-    pub id: String,
     pub device: Arc<LocalVolume>,
     pub metrics: Arc<IoMetrics>,
     /// Use count and attachment. Catalog writes that change the attachment happen while
@@ -52,10 +51,9 @@ pub struct Served {
 }
 
 impl Served {
-    pub fn new(name: Name, id: String, device: LocalVolume) -> Served {
+    pub fn new(name: Name, device: LocalVolume) -> Served {
         Served {
             name,
-            id,
             device: Arc::new(device),
             metrics: Arc::new(IoMetrics::new()),
             usage: Mutex::new(Use::default()),

@@ -20,7 +20,12 @@ struct MemState {
 impl MemDevice {
     pub fn new(size: u64) -> Arc<MemDevice> {
         let pages = size.div_ceil(PAGE) as usize;
-        Arc::new(MemDevice { state: Mutex::new(MemState { data: vec![0; size as usize], allocated: vec![false; pages] }) })
+        Arc::new(MemDevice {
+            state: Mutex::new(MemState {
+                data: vec![0; size as usize],
+                allocated: vec![false; pages],
+            }),
+        })
     }
 
     pub fn execute(&self, req: IoRequest) -> Result<IoReply, IoError> {
@@ -42,7 +47,13 @@ impl MemDevice {
                 Ok(IoReply::Done)
             }
             IoRequest::Flush => Ok(IoReply::Done),
-            IoRequest::Trim { offset, len, .. } | IoRequest::WriteZeroes { offset, len, may_punch: true, .. } => {
+            IoRequest::Trim { offset, len, .. }
+            | IoRequest::WriteZeroes {
+                offset,
+                len,
+                may_punch: true,
+                ..
+            } => {
                 let (a, b) = check(offset, len)?;
                 st.data[a..b].fill(0);
                 st.punch(a, b);
@@ -87,7 +98,11 @@ impl MemState {
             let hole = !self.allocated[pos / p];
             match out.last_mut() {
                 Some(last) if last.hole == hole => last.len += (end - pos) as u64,
-                _ => out.push(Extent { len: (end - pos) as u64, hole, zero: hole }),
+                _ => out.push(Extent {
+                    len: (end - pos) as u64,
+                    hole,
+                    zero: hole,
+                }),
             }
             pos = end;
         }
@@ -116,7 +131,11 @@ pub struct GateDevice {
 
 impl GateDevice {
     pub fn new(size: u64, auto_release_reversed_at: usize) -> Arc<GateDevice> {
-        Arc::new(GateDevice { inner: MemDevice::new(size), held: Mutex::new(Vec::new()), auto_release_reversed_at })
+        Arc::new(GateDevice {
+            inner: MemDevice::new(size),
+            held: Mutex::new(Vec::new()),
+            auto_release_reversed_at,
+        })
     }
 
     pub fn held(&self) -> usize {

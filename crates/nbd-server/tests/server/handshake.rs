@@ -22,12 +22,20 @@ async fn go_with_structured_replies_and_info_requests() {
     let mut cl = Client::greet(srv.addr, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
     cl.option(OPT_STRUCTURED_REPLY, &[]).await;
     assert_eq!(cl.final_reply().await.reply_type, REP_ACK);
-    cl.send(&go_bytes(OPT_GO, "vol", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE, 999])).await;
+    cl.send(&go_bytes(
+        OPT_GO,
+        "vol",
+        &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE, 999],
+    ))
+    .await;
     let r = cl.option_replies().await;
     let data: Vec<&[u8]> = r.iter().map(|r| &r.data[..]).collect();
     assert_eq!(r.len(), 5, "{r:?}");
     assert!(r.iter().all(|x| x.option == OPT_GO));
-    assert_eq!(data[0], [&[0, 0][..], &(1u64 << 20).to_be_bytes(), &[0x01, 0xed]].concat());
+    assert_eq!(
+        data[0],
+        [&[0, 0][..], &(1u64 << 20).to_be_bytes(), &[0x01, 0xed]].concat()
+    );
     assert_eq!(data[1], b"\x00\x01vol");
     assert_eq!(data[2], b"\x00\x02test volume vol");
     assert_eq!(data[3], [0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0]);
@@ -39,7 +47,10 @@ async fn go_with_structured_replies_and_info_requests() {
 #[tokio::test]
 async fn export_name_honours_no_zeroes() {
     let srv = TestServer::with_mem().await;
-    for (flags, no_zeroes) in [(FLAG_C_FIXED_NEWSTYLE, false), (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, true)] {
+    for (flags, no_zeroes) in [
+        (FLAG_C_FIXED_NEWSTYLE, false),
+        (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, true),
+    ] {
         let mut cl = Client::greet(srv.addr, flags).await;
         cl.option(OPT_EXPORT_NAME, b"vol").await;
         let (size, tflags) = cl.recv(|b| c::parse_export_name_reply(b, no_zeroes)).await;
@@ -83,10 +94,16 @@ async fn info_does_not_mark_in_use_but_go_does() {
     second.send(&go_bytes(OPT_GO, "x", &[])).await;
     let r = second.final_reply().await;
     assert_eq!(r.reply_type, REP_ERR_POLICY);
-    assert_eq!(String::from_utf8(r.data).unwrap(), "volume \"x\" is in use by conn-0");
+    assert_eq!(
+        String::from_utf8(r.data).unwrap(),
+        "volume \"x\" is in use by conn-0"
+    );
 
     drop(owner);
-    wait_until("guard released", || vol.open_guards.load(Ordering::SeqCst) == 0).await;
+    wait_until("guard released", || {
+        vol.open_guards.load(Ordering::SeqCst) == 0
+    })
+    .await;
     second.send(&go_bytes(OPT_GO, "x", &[])).await;
     assert_eq!(second.final_reply().await.reply_type, REP_ACK);
 }
@@ -100,7 +117,10 @@ async fn unknown_export_then_keep_negotiating() {
         cl.send(&go_bytes(code, "nope", &[])).await;
         let r = cl.final_reply().await;
         assert_eq!((r.option, r.reply_type), (code, REP_ERR_UNKNOWN));
-        assert_eq!(String::from_utf8(r.data).unwrap(), "no volume named \"nope\"");
+        assert_eq!(
+            String::from_utf8(r.data).unwrap(),
+            "no volume named \"nope\""
+        );
     }
     cl.send(&go_bytes(OPT_GO, "vol", &[])).await;
     assert_eq!(cl.final_reply().await.reply_type, REP_ACK);
@@ -119,16 +139,29 @@ async fn refused_options_keep_the_connection() {
         (OPT_STRUCTURED_REPLY, b"x".to_vec(), REP_ERR_INVALID),
         (OPT_GO, vec![0, 0, 0, 200, 0, 0], REP_ERR_INVALID),
         (OPT_INFO, vec![0, 0, 0, 1, 0, 0, 0], REP_ERR_INVALID),
-        (OPT_SET_META_CONTEXT, vec![0, 0, 0, 3, b'v', b'o', b'l', 0, 0, 0, 0], REP_ERR_INVALID), // not structured yet
-        (OPT_LIST_META_CONTEXT, vec![0, 0, 0, 0, 0, 0, 0, 0], REP_ERR_INVALID),
+        (
+            OPT_SET_META_CONTEXT,
+            vec![0, 0, 0, 3, b'v', b'o', b'l', 0, 0, 0, 0],
+            REP_ERR_INVALID,
+        ), // not structured yet
+        (
+            OPT_LIST_META_CONTEXT,
+            vec![0, 0, 0, 0, 0, 0, 0, 0],
+            REP_ERR_INVALID,
+        ),
     ];
     for (code, data, want) in cases {
         cl.option(code, &data).await;
         let r = cl.final_reply().await;
-        assert_eq!((r.option, r.reply_type), (code, want), "option {code} data {data:?}");
+        assert_eq!(
+            (r.option, r.reply_type),
+            (code, want),
+            "option {code} data {data:?}"
+        );
     }
     // Oversized: skipped without buffering, ERR_TOO_BIG.
-    cl.option(OPT_INFO, &vec![7u8; MAX_OPTION_DATA_LEN as usize + 1]).await;
+    cl.option(OPT_INFO, &vec![7u8; MAX_OPTION_DATA_LEN as usize + 1])
+        .await;
     assert_eq!(cl.final_reply().await.reply_type, REP_ERR_TOO_BIG);
     cl.send(&go_bytes(OPT_GO, "vol", &[])).await;
     assert_eq!(cl.final_reply().await.reply_type, REP_ACK);
@@ -152,7 +185,12 @@ async fn meta_context_list_and_set() {
         assert_eq!(r[0].data, b"\x00\x00\x00\x00base:allocation");
     }
     out.clear();
-    c::encode_meta_option(&mut out, OPT_SET_META_CONTEXT, "vol", &["qemu:dirty-bitmap:a", "base:allocation"]);
+    c::encode_meta_option(
+        &mut out,
+        OPT_SET_META_CONTEXT,
+        "vol",
+        &["qemu:dirty-bitmap:a", "base:allocation"],
+    );
     cl.send(&out).await;
     let r = cl.option_replies().await;
     assert_eq!(r.len(), 2);
@@ -184,7 +222,9 @@ async fn broken_handshakes_close_only_their_connection() {
     bad_flags.expect_closed().await;
 
     let mut bad_magic = Client::greet(srv.addr, FLAG_C_FIXED_NEWSTYLE).await;
-    bad_magic.send(b"NOTMAGIC\x00\x00\x00\x03\x00\x00\x00\x00").await;
+    bad_magic
+        .send(b"NOTMAGIC\x00\x00\x00\x03\x00\x00\x00\x00")
+        .await;
     bad_magic.expect_closed().await;
 
     let mut unknown_export_name = Client::greet(srv.addr, FLAG_C_FIXED_NEWSTYLE).await;
@@ -200,7 +240,10 @@ async fn broken_handshakes_close_only_their_connection() {
     silent.send(b"\x00\x00").await;
     drop(silent);
 
-    wait_until("failures counted", || srv.stat(|s| &s.handshake_failures_total) == 5).await;
+    wait_until("failures counted", || {
+        srv.stat(|s| &s.handshake_failures_total) == 5
+    })
+    .await;
     healthy.request(CMD_READ, 0, 1, 0, 512, &[]).await;
     assert_eq!(reply_error(&healthy.reply().await), 0);
 }

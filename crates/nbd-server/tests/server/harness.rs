@@ -46,13 +46,18 @@ impl TestExports {
             exclusive,
             open_guards: Arc::default(),
         });
-        self.vols.lock().unwrap().insert(name.into(), Arc::clone(&vol));
+        self.vols
+            .lock()
+            .unwrap()
+            .insert(name.into(), Arc::clone(&vol));
         vol
     }
 
     fn get(&self, name: &str) -> Result<Arc<Vol>, OpenError> {
         let vols = self.vols.lock().unwrap();
-        vols.get(name).cloned().ok_or_else(|| OpenError::Unknown(format!("no volume named {name:?}")))
+        vols.get(name)
+            .cloned()
+            .ok_or_else(|| OpenError::Unknown(format!("no volume named {name:?}")))
     }
 }
 
@@ -74,13 +79,21 @@ impl Exports for TestExports {
     fn list(&self) -> Vec<ExportInfo> {
         let vols = self.vols.lock().unwrap();
         vols.iter()
-            .map(|(n, v)| ExportInfo { name: n.clone(), size_bytes: v.device.size_bytes(), description: format!("test volume {n}") })
+            .map(|(n, v)| ExportInfo {
+                name: n.clone(),
+                size_bytes: v.device.size_bytes(),
+                description: format!("test volume {n}"),
+            })
             .collect()
     }
 
     fn info(&self, name: &str) -> Result<ExportInfo, OpenError> {
         let v = self.get(name)?;
-        Ok(ExportInfo { name: name.into(), size_bytes: v.device.size_bytes(), description: format!("test volume {name}") })
+        Ok(ExportInfo {
+            name: name.into(),
+            size_bytes: v.device.size_bytes(),
+            description: format!("test volume {name}"),
+        })
     }
 
     fn open(&self, name: &str) -> Result<OpenExport, OpenError> {
@@ -90,9 +103,14 @@ impl Exports for TestExports {
         if v.exclusive {
             let mut h = v.holder.lock().unwrap();
             if let Some(who) = h.as_ref() {
-                return Err(OpenError::InUse(format!("volume {name:?} is in use by {who}")));
+                return Err(OpenError::InUse(format!(
+                    "volume {name:?} is in use by {who}"
+                )));
             }
-            *h = Some(format!("conn-{}", self.next_conn.fetch_add(1, Ordering::SeqCst)));
+            *h = Some(format!(
+                "conn-{}",
+                self.next_conn.fetch_add(1, Ordering::SeqCst)
+            ));
             holder = Some(Arc::clone(&v.holder));
         }
         v.open_guards.fetch_add(1, Ordering::SeqCst);
@@ -100,7 +118,10 @@ impl Exports for TestExports {
             info,
             device: Arc::clone(&v.device),
             metrics: Arc::clone(&v.metrics),
-            guard: Box::new(Guard { holder, open: Arc::clone(&v.open_guards) }),
+            guard: Box::new(Guard {
+                holder,
+                open: Arc::clone(&v.open_guards),
+            }),
             kill: v.kill.subscribe(),
         })
     }
@@ -122,7 +143,13 @@ impl TestServer {
         let stats = Arc::new(ServerStats::new());
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(serve_tcp(listener, exports.clone(), stats.clone(), rx));
-        TestServer { addr, exports, stats, shutdown, task }
+        TestServer {
+            addr,
+            exports,
+            stats,
+            shutdown,
+            task,
+        }
     }
 
     /// One 1 MiB MemDevice volume named "vol".
@@ -153,7 +180,10 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
-        Client { s: TcpStream::connect(addr).await.unwrap(), buf: Vec::new() }
+        Client {
+            s: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
     }
 
     /// Connects, checks the greeting, sends `flags`.
@@ -168,7 +198,12 @@ impl Client {
     }
 
     /// Handshake through GO; returns (size, transmission flags).
-    pub async fn open(addr: SocketAddr, name: &str, structured: bool, meta: bool) -> (Client, u64, u16) {
+    pub async fn open(
+        addr: SocketAddr,
+        name: &str,
+        structured: bool,
+        meta: bool,
+    ) -> (Client, u64, u16) {
         let mut cl = Client::greet(addr, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
         if structured {
             cl.option(OPT_STRUCTURED_REPLY, &[]).await;
@@ -176,7 +211,12 @@ impl Client {
         }
         if meta {
             let mut out = Vec::new();
-            c::encode_meta_option(&mut out, OPT_SET_META_CONTEXT, name, &[META_BASE_ALLOCATION]);
+            c::encode_meta_option(
+                &mut out,
+                OPT_SET_META_CONTEXT,
+                name,
+                &[META_BASE_ALLOCATION],
+            );
             cl.send(&out).await;
             let r = cl.option_replies().await;
             assert_eq!(r.last().unwrap().reply_type, REP_ACK);
@@ -185,8 +225,15 @@ impl Client {
         c::encode_info_option(&mut out, OPT_GO, name, &[]);
         cl.send(&out).await;
         let replies = cl.option_replies().await;
-        assert_eq!(replies.last().unwrap().reply_type, REP_ACK, "GO failed: {replies:?}");
-        let export = replies.iter().find(|r| r.reply_type == REP_INFO && r.data[..2] == [0, 0]).unwrap();
+        assert_eq!(
+            replies.last().unwrap().reply_type,
+            REP_ACK,
+            "GO failed: {replies:?}"
+        );
+        let export = replies
+            .iter()
+            .find(|r| r.reply_type == REP_INFO && r.data[..2] == [0, 0])
+            .unwrap();
         let size = u64::from_be_bytes(export.data[2..10].try_into().unwrap());
         let flags = u16::from_be_bytes(export.data[10..12].try_into().unwrap());
         (cl, size, flags)
@@ -219,9 +266,24 @@ impl Client {
         self.option_replies().await.pop().unwrap()
     }
 
-    pub async fn request(&mut self, command: u16, flags: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
+    pub async fn request(
+        &mut self,
+        command: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
         let mut out = Vec::with_capacity(28 + payload.len());
-        RequestHeader { flags, command, cookie, offset, length }.encode(&mut out);
+        RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+        .encode(&mut out);
         out.extend_from_slice(payload);
         self.send(&out).await;
     }
@@ -250,7 +312,10 @@ impl Client {
 
     async fn fill(&mut self) {
         let mut tmp = vec![0u8; 1 << 20];
-        let n = tokio::time::timeout(DEADLINE, self.s.read(&mut tmp)).await.expect("server answer").unwrap();
+        let n = tokio::time::timeout(DEADLINE, self.s.read(&mut tmp))
+            .await
+            .expect("server answer")
+            .unwrap();
         assert!(n > 0, "server closed the connection");
         self.buf.extend_from_slice(&tmp[..n]);
     }
@@ -258,9 +323,15 @@ impl Client {
     /// Asserts the server closes the connection (EOF or reset) without sending more.
     pub async fn expect_closed(&mut self) {
         let mut tmp = [0u8; 4096];
-        match tokio::time::timeout(DEADLINE, self.s.read(&mut tmp)).await.expect("server closes") {
+        match tokio::time::timeout(DEADLINE, self.s.read(&mut tmp))
+            .await
+            .expect("server closes")
+        {
             Ok(0) | Err(_) => {}
-            Ok(n) => panic!("expected close, got {n} more bytes: {:?}", &tmp[..n.min(64)]),
+            Ok(n) => panic!(
+                "expected close, got {n} more bytes: {:?}",
+                &tmp[..n.min(64)]
+            ),
         }
     }
 }
@@ -269,7 +340,9 @@ impl Client {
 pub fn reply_error(r: &Reply) -> u32 {
     match r {
         Reply::Simple { error, .. } => *error,
-        Reply::Chunk { kind, payload, .. } if *kind == REPLY_TYPE_ERROR => u32::from_be_bytes(payload[..4].try_into().unwrap()),
+        Reply::Chunk { kind, payload, .. } if *kind == REPLY_TYPE_ERROR => {
+            u32::from_be_bytes(payload[..4].try_into().unwrap())
+        }
         Reply::Chunk { .. } => 0,
     }
 }

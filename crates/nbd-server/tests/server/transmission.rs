@@ -14,7 +14,12 @@ use crate::harness::*;
 
 fn chunk_payload(r: &Reply) -> (u16, u16, &[u8]) {
     match r {
-        Reply::Chunk { flags, kind, payload, .. } => (*flags, *kind, payload),
+        Reply::Chunk {
+            flags,
+            kind,
+            payload,
+            ..
+        } => (*flags, *kind, payload),
         other => panic!("expected a chunk, got {other:?}"),
     }
 }
@@ -25,10 +30,23 @@ async fn write_read_round_trip_simple_and_structured() {
     let srv = TestServer::with_mem().await;
     let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
     let (mut cl, _, _) = Client::open(srv.addr, "vol", false, false).await;
-    cl.request(CMD_WRITE, CMD_FLAG_FUA, 1, 4096, 8192, &pattern).await;
-    assert_eq!(cl.reply().await, Reply::Simple { error: 0, cookie: 1 });
+    cl.request(CMD_WRITE, CMD_FLAG_FUA, 1, 4096, 8192, &pattern)
+        .await;
+    assert_eq!(
+        cl.reply().await,
+        Reply::Simple {
+            error: 0,
+            cookie: 1
+        }
+    );
     cl.request(CMD_READ, 0, 2, 4096, 8192, &[]).await;
-    assert_eq!(cl.reply().await, Reply::Simple { error: 0, cookie: 2 });
+    assert_eq!(
+        cl.reply().await,
+        Reply::Simple {
+            error: 0,
+            cookie: 2
+        }
+    );
     assert_eq!(cl.data(8192).await, pattern);
 
     let (mut cl, _, flags) = Client::open(srv.addr, "vol", true, false).await;
@@ -63,9 +81,20 @@ async fn out_of_range_requests() {
         (CMD_WRITE_ZEROES, size - 1, 2, ENOSPC),
     ];
     for (i, (cmd, offset, len, want)) in cases.into_iter().enumerate() {
-        let payload = if cmd == CMD_WRITE { vec![0xee; len as usize] } else { vec![] };
+        let payload = if cmd == CMD_WRITE {
+            vec![0xee; len as usize]
+        } else {
+            vec![]
+        };
         cl.request(cmd, 0, i as u64, offset, len, &payload).await;
-        assert_eq!(cl.reply().await, Reply::Simple { error: want, cookie: i as u64 }, "case {i}");
+        assert_eq!(
+            cl.reply().await,
+            Reply::Simple {
+                error: want,
+                cookie: i as u64
+            },
+            "case {i}"
+        );
     }
     cl.request(CMD_READ, 0, 99, size - 512, 512, &[]).await;
     assert_eq!(reply_error(&cl.reply().await), 0);
@@ -81,20 +110,46 @@ async fn oversize_payloads() {
     let srv = TestServer::start(exports).await;
     let too_big = MAX_PAYLOAD_LEN + 1;
     let (mut cl, _, _) = Client::open(srv.addr, "big", false, false).await;
-    cl.request(CMD_WRITE, 0, 1, 0, too_big, &vec![0x55; too_big as usize]).await;
-    assert_eq!(cl.reply().await, Reply::Simple { error: EINVAL, cookie: 1 });
+    cl.request(CMD_WRITE, 0, 1, 0, too_big, &vec![0x55; too_big as usize])
+        .await;
+    assert_eq!(
+        cl.reply().await,
+        Reply::Simple {
+            error: EINVAL,
+            cookie: 1
+        }
+    );
     cl.request(CMD_READ, 0, 2, 0, too_big, &[]).await;
-    assert_eq!(cl.reply().await, Reply::Simple { error: EINVAL, cookie: 2 });
+    assert_eq!(
+        cl.reply().await,
+        Reply::Simple {
+            error: EINVAL,
+            cookie: 2
+        }
+    );
     cl.request(CMD_READ, 0, 3, 0, 16, &[]).await;
-    assert_eq!(cl.reply().await, Reply::Simple { error: 0, cookie: 3 });
-    assert_eq!(cl.data(16).await, vec![0; 16], "the refused write must not have landed");
+    assert_eq!(
+        cl.reply().await,
+        Reply::Simple {
+            error: 0,
+            cookie: 3
+        }
+    );
+    assert_eq!(
+        cl.data(16).await,
+        vec![0; 16],
+        "the refused write must not have landed"
+    );
 
     let (mut cl, _, _) = Client::open(srv.addr, "big", true, false).await;
     cl.request(CMD_READ, 0, 4, 0, too_big, &[]).await;
     assert_eq!(reply_error(&cl.reply().await), EOVERFLOW);
     // Exactly the maximum works.
     cl.request(CMD_READ, 0, 5, 0, MAX_PAYLOAD_LEN, &[]).await;
-    assert_eq!(chunk_payload(&cl.reply().await).2.len(), MAX_PAYLOAD_LEN as usize + 8);
+    assert_eq!(
+        chunk_payload(&cl.reply().await).2.len(),
+        MAX_PAYLOAD_LEN as usize + 8
+    );
 }
 
 // Goal: unknown commands, CACHE and invalid flags get EINVAL; the connection stays usable.
@@ -102,20 +157,42 @@ async fn oversize_payloads() {
 async fn unknown_command_and_bad_flags() {
     let srv = TestServer::with_mem().await;
     let (mut cl, _, _) = Client::open(srv.addr, "vol", true, false).await;
-    let cases = [(42u16, 0u16), (CMD_CACHE, 0), (CMD_WRITE_ZEROES, CMD_FLAG_DF), (CMD_READ, CMD_FLAG_FAST_ZERO), (CMD_FLUSH, 1 << 9)];
+    let cases = [
+        (42u16, 0u16),
+        (CMD_CACHE, 0),
+        (CMD_WRITE_ZEROES, CMD_FLAG_DF),
+        (CMD_READ, CMD_FLAG_FAST_ZERO),
+        (CMD_FLUSH, 1 << 9),
+    ];
     for (i, (cmd, flags)) in cases.into_iter().enumerate() {
         cl.request(cmd, flags, i as u64, 0, 512, &[]).await;
         let r = cl.reply().await;
-        assert_eq!((reply_error(&r), reply_cookie(&r)), (EINVAL, i as u64), "case {i}");
+        assert_eq!(
+            (reply_error(&r), reply_cookie(&r)),
+            (EINVAL, i as u64),
+            "case {i}"
+        );
         assert!(!error_message(&r).is_empty());
     }
     // Without structured replies DF is not advertised, hence invalid.
     let (mut cl, _, flags) = Client::open(srv.addr, "vol", false, false).await;
     assert_eq!(flags & TFLAG_SEND_DF, 0);
     cl.request(CMD_READ, CMD_FLAG_DF, 9, 0, 512, &[]).await;
-    assert_eq!(cl.reply().await, Reply::Simple { error: EINVAL, cookie: 9 });
+    assert_eq!(
+        cl.reply().await,
+        Reply::Simple {
+            error: EINVAL,
+            cookie: 9
+        }
+    );
     cl.request(CMD_FLUSH, CMD_FLAG_FUA, 10, 0, 0, &[]).await;
-    assert_eq!(cl.reply().await, Reply::Simple { error: 0, cookie: 10 });
+    assert_eq!(
+        cl.reply().await,
+        Reply::Simple {
+            error: 0,
+            cookie: 10
+        }
+    );
 }
 
 // Goal: a bad request magic closes only that connection and is counted.
@@ -138,14 +215,24 @@ async fn block_status() {
     let (mut cl, _, _) = Client::open(srv.addr, "vol", true, true).await;
     cl.request(CMD_WRITE, 0, 1, 0, 4096, &[1; 4096]).await;
     cl.reply().await;
-    cl.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 2, 65536, 4096, &[]).await;
+    cl.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 2, 65536, 4096, &[])
+        .await;
     cl.reply().await;
     cl.request(CMD_BLOCK_STATUS, 0, 3, 0, 16384, &[]).await;
     let r = cl.reply().await;
     let (flags, kind, p) = chunk_payload(&r);
     assert_eq!((flags, kind), (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS));
-    assert_eq!(p, [&[0, 0, 0, 1][..], &[0, 0, 0x10, 0, 0, 0, 0, 0], &[0, 0, 0x30, 0, 0, 0, 0, 3]].concat());
-    cl.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 4, 4096, 65536, &[]).await;
+    assert_eq!(
+        p,
+        [
+            &[0, 0, 0, 1][..],
+            &[0, 0, 0x10, 0, 0, 0, 0, 0],
+            &[0, 0, 0x30, 0, 0, 0, 0, 3]
+        ]
+        .concat()
+    );
+    cl.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 4, 4096, 65536, &[])
+        .await;
     let r = cl.reply().await;
     assert_eq!(chunk_payload(&r).2, [0, 0, 0, 1, 0, 0, 0xf0, 0, 0, 0, 0, 3]);
     cl.request(CMD_BLOCK_STATUS, 0, 5, 1 << 20, 1, &[]).await;
@@ -156,7 +243,13 @@ async fn block_status() {
     assert_eq!(reply_error(&no_meta.reply().await), EINVAL);
     let (mut simple, _, _) = Client::open(srv.addr, "vol", false, false).await;
     simple.request(CMD_BLOCK_STATUS, 0, 7, 0, 4096, &[]).await;
-    assert_eq!(simple.reply().await, Reply::Simple { error: EINVAL, cookie: 7 });
+    assert_eq!(
+        simple.reply().await,
+        Reply::Simple {
+            error: EINVAL,
+            cookie: 7
+        }
+    );
 }
 
 // Goal: replies follow completion order, not request order (the device completes the
@@ -169,7 +262,8 @@ async fn replies_follow_completion_order() {
     let srv = TestServer::start(exports).await;
     let (mut cl, _, _) = Client::open(srv.addr, "g", true, false).await;
     for i in 0..4u64 {
-        cl.request(CMD_WRITE, 0, 100 + i, i * 4096, 4096, &[i as u8 + 1; 4096]).await;
+        cl.request(CMD_WRITE, 0, 100 + i, i * 4096, 4096, &[i as u8 + 1; 4096])
+            .await;
     }
     for i in (0..4u64).rev() {
         assert_eq!(reply_cookie(&cl.reply().await), 100 + i);
@@ -190,19 +284,35 @@ async fn device_errors_are_mapped() {
     let exports = TestExports::default();
     exports.add("full", Arc::new(FailDevice(IoError::NoSpace)), false);
     exports.add("down", Arc::new(FailDevice(IoError::ShuttingDown)), false);
-    exports.add("broken", Arc::new(FailDevice(IoError::Faulted("replica lost".into()))), false);
+    exports.add(
+        "broken",
+        Arc::new(FailDevice(IoError::Faulted("replica lost".into()))),
+        false,
+    );
     let srv = TestServer::start(exports).await;
     let (mut cl, _, _) = Client::open(srv.addr, "full", true, false).await;
     cl.request(CMD_WRITE, 0, 1, 0, 4, b"abcd").await;
     let r = cl.reply().await;
-    assert_eq!((reply_error(&r), error_message(&r)), (ENOSPC, "no space left on the volume's storage".into()));
+    assert_eq!(
+        (reply_error(&r), error_message(&r)),
+        (ENOSPC, "no space left on the volume's storage".into())
+    );
     let (mut cl, _, _) = Client::open(srv.addr, "down", false, false).await;
     cl.request(CMD_READ, 0, 2, 0, 4, &[]).await;
-    assert_eq!(cl.reply().await, Reply::Simple { error: ESHUTDOWN, cookie: 2 });
+    assert_eq!(
+        cl.reply().await,
+        Reply::Simple {
+            error: ESHUTDOWN,
+            cookie: 2
+        }
+    );
     let (mut cl, _, _) = Client::open(srv.addr, "broken", true, false).await;
     cl.request(CMD_READ, 0, 3, 0, 4, &[]).await;
     let r = cl.reply().await;
-    assert_eq!((reply_error(&r), error_message(&r)), (EIO, "volume is faulted: replica lost".into()));
+    assert_eq!(
+        (reply_error(&r), error_message(&r)),
+        (EIO, "volume is faulted: replica lost".into())
+    );
     let m = &srv.exports.vols.lock().unwrap()["broken"].metrics;
     assert_eq!(m.errors(IoKind::Read), 1);
 }
@@ -226,16 +336,25 @@ async fn client_vanishing_mid_request_affects_no_one_else() {
     pending.request(CMD_READ, 0, 1, 0, 4096, &[]).await;
     wait_until("request reached the device", || gate.held() == 1).await;
     drop(pending);
-    wait_until("both connections gone", || srv.stat(|s| &s.connections_open) == 2).await;
+    wait_until("both connections gone", || {
+        srv.stat(|s| &s.connections_open) == 2
+    })
+    .await;
     gate.release_reversed(); // completion after the client is gone: must not panic
 
     for i in 0..10 {
-        steady.request(CMD_WRITE, 0, i, 0, 512, &[i as u8; 512]).await;
+        steady
+            .request(CMD_WRITE, 0, i, 0, 512, &[i as u8; 512])
+            .await;
         assert_eq!(reply_error(&steady.reply().await), 0);
     }
     steady.request(CMD_READ, 0, 50, 0, 512, &[]).await;
     steady.reply().await;
-    assert_eq!(steady.data(512).await, vec![9; 512], "the truncated write must not land");
+    assert_eq!(
+        steady.data(512).await,
+        vec![9; 512],
+        "the truncated write must not land"
+    );
 }
 
 // Goal: DISC closes only after in-flight requests were answered.
@@ -251,7 +370,13 @@ async fn disc_waits_for_in_flight_requests() {
     wait_until("write held", || gate.held() == 1).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     gate.release_reversed();
-    assert_eq!(cl.reply().await, Reply::Simple { error: 0, cookie: 7 });
+    assert_eq!(
+        cl.reply().await,
+        Reply::Simple {
+            error: 0,
+            cookie: 7
+        }
+    );
     cl.expect_closed().await;
 }
 
@@ -268,7 +393,10 @@ async fn kill_closes_connection_now() {
     wait_until("read held", || gate.held() == 1).await;
     vol.kill.send(true).unwrap();
     cl.expect_closed().await;
-    wait_until("guard released", || vol.open_guards.load(Ordering::SeqCst) == 0).await;
+    wait_until("guard released", || {
+        vol.open_guards.load(Ordering::SeqCst) == 0
+    })
+    .await;
     assert_eq!(srv.stat(|s| &s.connections_killed_total), 1);
     gate.release_reversed();
 }
@@ -287,7 +415,11 @@ async fn in_flight_request_limit_applies_backpressure() {
     }
     wait_until("limit reached", || gate.held() == MAX_INFLIGHT_REQUESTS).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(gate.held(), MAX_INFLIGHT_REQUESTS, "must not read past the limit");
+    assert_eq!(
+        gate.held(),
+        MAX_INFLIGHT_REQUESTS,
+        "must not read past the limit"
+    );
     gate.release_reversed();
     for _ in 0..MAX_INFLIGHT_REQUESTS {
         cl.reply().await;
@@ -308,7 +440,10 @@ async fn shutdown_closes_connections_and_returns() {
     srv.shutdown.send(true).unwrap();
     cl.expect_closed().await;
     negotiating.expect_closed().await;
-    tokio::time::timeout(DEADLINE, srv.task).await.expect("serve_tcp returns").unwrap();
+    tokio::time::timeout(DEADLINE, srv.task)
+        .await
+        .expect("serve_tcp returns")
+        .unwrap();
 }
 
 // Goal: the Unix-socket listener serves the same protocol.
@@ -322,7 +457,12 @@ async fn unix_socket_serves() {
     let exports = TestExports::default();
     exports.add("vol", MemDevice::new(4096), false);
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(serve_unix(listener, Arc::new(exports), Arc::new(ServerStats::new()), rx));
+    let task = tokio::spawn(serve_unix(
+        listener,
+        Arc::new(exports),
+        Arc::new(ServerStats::new()),
+        rx,
+    ));
     let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut greeting = [0u8; 18];

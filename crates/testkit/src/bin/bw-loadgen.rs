@@ -18,7 +18,10 @@ use clap::{Parser, Subcommand};
 use testkit::loadgen::{self, VerifyOptions, WriteOptions};
 
 #[derive(Parser)]
-#[command(name = "bw-loadgen", about = "Verifying NBD load generator (crash-consistency checks)")]
+#[command(
+    name = "bw-loadgen",
+    about = "Verifying NBD load generator (crash-consistency checks)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -69,7 +72,17 @@ fn parse_seed(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Write { uri, state, block_size, blocks, flush_every, queue_depth, duration, max_writes, seed } => {
+        Cmd::Write {
+            uri,
+            state,
+            block_size,
+            blocks,
+            flush_every,
+            queue_depth,
+            duration,
+            max_writes,
+            seed,
+        } => {
             let seed = match seed.as_deref().map(parse_seed).transpose() {
                 Ok(s) => s.unwrap_or_else(testkit::rng::seed_from_time),
                 Err(e) => {
@@ -105,7 +118,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Verify { uri, state } => match loadgen::verify(&VerifyOptions { uri, state_path: state }) {
+        Cmd::Verify { uri, state } => match loadgen::verify(&VerifyOptions {
+            uri,
+            state_path: state,
+        }) {
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(2)

@@ -28,7 +28,10 @@ fn fill_seed(seed: u64, block: u64, seq: u64) -> u64 {
 
 /// Writes the content of write `seq` to `block` into `buf` (the whole block).
 pub fn encode(buf: &mut [u8], seed: u64, block: u64, seq: u64) {
-    assert!(buf.len() >= MIN_BLOCK_SIZE, "block size below {MIN_BLOCK_SIZE}");
+    assert!(
+        buf.len() >= MIN_BLOCK_SIZE,
+        "block size below {MIN_BLOCK_SIZE}"
+    );
     buf[0..8].copy_from_slice(&MAGIC);
     buf[8..16].copy_from_slice(&seed.to_le_bytes());
     buf[16..24].copy_from_slice(&block.to_le_bytes());
@@ -71,7 +74,11 @@ pub fn decode(buf: &[u8]) -> BlockContent {
     }
     let mut expect = vec![0u8; buf.len() - HEADER_LEN];
     SplitMix64::new(fill_seed(seed, block, seq)).fill(&mut expect);
-    if let Some(pos) = buf[HEADER_LEN..].iter().zip(&expect).position(|(a, b)| a != b) {
+    if let Some(pos) = buf[HEADER_LEN..]
+        .iter()
+        .zip(&expect)
+        .position(|(a, b)| a != b)
+    {
         return BlockContent::Corrupt(format!(
             "block {block} seq {seq}: fill differs from byte {} on (torn or mixed write)",
             HEADER_LEN + pos
@@ -131,7 +138,14 @@ mod tests {
         for bs in [64usize, 512, 4096] {
             let mut b = vec![0u8; bs];
             encode(&mut b, 42, 7, 9);
-            assert_eq!(decode(&b), BlockContent::Written { seed: 42, block: 7, seq: 9 });
+            assert_eq!(
+                decode(&b),
+                BlockContent::Written {
+                    seed: 42,
+                    block: 7,
+                    seq: 9
+                }
+            );
             assert_eq!(check_block(&b, 42, 7, 9), Ok(9));
             assert_eq!(check_block(&b, 42, 7, 3), Ok(9));
         }
@@ -167,9 +181,19 @@ mod tests {
     fn misdirected_foreign_and_torn_blocks_are_caught() {
         let mut b = vec![0u8; 4096];
         encode(&mut b, 1, 3, 4);
-        assert!(check_block(&b, 1, 4, 0).unwrap_err().what.contains("misdirected"));
-        assert!(check_block(&b, 2, 3, 1).unwrap_err().what.contains("another run"));
-        assert_eq!(check_block(&b, 2, 3, 0), Ok(0), "an earlier run's data is fine if unflushed");
+        assert!(check_block(&b, 1, 4, 0)
+            .unwrap_err()
+            .what
+            .contains("misdirected"));
+        assert!(check_block(&b, 2, 3, 1)
+            .unwrap_err()
+            .what
+            .contains("another run"));
+        assert_eq!(
+            check_block(&b, 2, 3, 0),
+            Ok(0),
+            "an earlier run's data is fine if unflushed"
+        );
 
         // Torn: second half from another write of the same block.
         let mut other = vec![0u8; 4096];
@@ -181,14 +205,23 @@ mod tests {
         // Torn header.
         encode(&mut b, 1, 3, 4);
         b[24] ^= 1;
-        assert!(check_block(&b, 1, 3, 0).unwrap_err().what.contains("header"));
+        assert!(check_block(&b, 1, 3, 0)
+            .unwrap_err()
+            .what
+            .contains("header"));
 
         // One flipped bit in the fill.
         encode(&mut b, 1, 3, 4);
         b[4000] ^= 0x10;
-        assert!(check_block(&b, 1, 3, 0).unwrap_err().what.contains("byte 4000"));
+        assert!(check_block(&b, 1, 3, 0)
+            .unwrap_err()
+            .what
+            .contains("byte 4000"));
 
         // Garbage.
-        assert!(check_block(&[0xffu8; 4096], 1, 3, 0).unwrap_err().what.contains("magic"));
+        assert!(check_block(&[0xffu8; 4096], 1, 3, 0)
+            .unwrap_err()
+            .what
+            .contains("magic"));
     }
 }

@@ -17,5 +17,7 @@ pub mod run;
 pub mod state;
 
 pub use block::{check_block, decode, encode, BlockContent, Violation};
-pub use run::{verify, verify_image, write, VerifyOptions, VerifyReport, WriteOptions, WriteSummary};
+pub use run::{
+    verify, verify_image, write, VerifyOptions, VerifyReport, WriteOptions, WriteSummary,
+};
 pub use state::State;

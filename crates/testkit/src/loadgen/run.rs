@@ -102,7 +102,7 @@ fn is_connection_loss(e: &ClientError) -> bool {
 }
 
 fn geometry(client: &NbdClient, block_size: u32, blocks: Option<u64>) -> Result<u64, String> {
-    if (block_size as usize) < super::block::MIN_BLOCK_SIZE || block_size % 512 != 0 {
+    if (block_size as usize) < super::block::MIN_BLOCK_SIZE || !block_size.is_multiple_of(512) {
         return Err(format!("block size {block_size} must be a multiple of 512"));
     }
     let fit = client.size() / u64::from(block_size);
@@ -128,11 +128,20 @@ pub fn write(opts: &WriteOptions) -> Result<WriteSummary, String> {
     if client.export().flags & FLAG_SEND_FLUSH == 0 {
         return Err("export does not advertise NBD_FLAG_SEND_FLUSH".into());
     }
-    let qd = opts.queue_depth.clamp(1, MAX_QUEUE_DEPTH).min((blocks / 2).max(1) as usize);
+    let qd = opts
+        .queue_depth
+        .clamp(1, MAX_QUEUE_DEPTH)
+        .min((blocks / 2).max(1) as usize);
     let mut state = State::new(opts.block_size, blocks, opts.seed);
-    state.save(&opts.state_path).map_err(|e| format!("{}: {e}", opts.state_path.display()))?;
+    state
+        .save(&opts.state_path)
+        .map_err(|e| format!("{}: {e}", opts.state_path.display()))?;
 
-    let mut sum = WriteSummary { seed: opts.seed, blocks, ..Default::default() };
+    let mut sum = WriteSummary {
+        seed: opts.seed,
+        blocks,
+        ..Default::default()
+    };
     let result = write_loop(&mut client, opts, qd, &mut state, &mut sum, start);
     sum.elapsed = start.elapsed();
     match result {
@@ -208,7 +217,10 @@ fn write_loop(
         }
         let r = client.receive()?;
         if r.error != 0 {
-            return Err(ClientError::Nbd { errno: r.error, handle: r.handle });
+            return Err(ClientError::Nbd {
+                errno: r.error,
+                handle: r.handle,
+            });
         }
         if let Some((block, s)) = writes.remove(&r.handle) {
             let slot = &mut acked[block as usize];
@@ -293,7 +305,11 @@ impl std::fmt::Display for VerifyReport {
             writeln!(f, "  {v}")?;
         }
         if self.violation_count as usize > self.violations.len() {
-            writeln!(f, "  … and {} more", self.violation_count as usize - self.violations.len())?;
+            writeln!(
+                f,
+                "  … and {} more",
+                self.violation_count as usize - self.violations.len()
+            )?;
         }
         Ok(())
     }
@@ -325,7 +341,10 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport, String> {
     let mut client = NbdClient::connect_uri(&opts.uri).map_err(|e| format!("{}: {e}", opts.uri))?;
     geometry(&client, state.block_size, Some(state.blocks()))?;
     let bs = u64::from(state.block_size);
-    let max = client.export().block_size.map_or(VERIFY_CHUNK, |(_, _, m)| m.min(VERIFY_CHUNK));
+    let max = client
+        .export()
+        .block_size
+        .map_or(VERIFY_CHUNK, |(_, _, m)| m.min(VERIFY_CHUNK));
     let per_read = (u64::from(max) / bs).max(1);
     let mut rep = new_report(&state);
     let mut block = 0u64;

@@ -36,13 +36,11 @@ pub struct State {
 }
 
 fn checksum(bytes: &[u8]) -> u64 {
-    bytes
-        .chunks(8)
-        .fold(0x6a09_e667_f3bc_c908, |h, c| {
-            let mut w = [0u8; 8];
-            w[..c.len()].copy_from_slice(c);
-            mix64(h ^ u64::from_le_bytes(w))
-        })
+    bytes.chunks(8).fold(0x6a09_e667_f3bc_c908, |h, c| {
+        let mut w = [0u8; 8];
+        w[..c.len()].copy_from_slice(c);
+        mix64(h ^ u64::from_le_bytes(w))
+    })
 }
 
 impl State {
@@ -89,7 +87,10 @@ impl State {
         let u32at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
         let u64at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
         if u32at(8) != VERSION {
-            return Err(format!("state file version {} (expected {VERSION})", u32at(8)));
+            return Err(format!(
+                "state file version {} (expected {VERSION})",
+                u32at(8)
+            ));
         }
         let blocks = u64at(16);
         let want = (blocks as usize)
@@ -108,7 +109,9 @@ impl State {
             seed: u64at(24),
             flushes: u64at(32),
             writes_acked: u64at(40),
-            durable: (0..blocks as usize).map(|i| u64at(HEADER_LEN + 8 * i)).collect(),
+            durable: (0..blocks as usize)
+                .map(|i| u64at(HEADER_LEN + 8 * i))
+                .collect(),
         })
     }
 

@@ -14,7 +14,10 @@ fn read_write_flush_trim_zeroes_round_trip() {
     assert!(c.export().flags & FLAG_SEND_FLUSH != 0);
     c.write(4095, &[7u8; 10], false).unwrap();
     c.write(8192, &[9u8; 4096], true).unwrap();
-    assert_eq!(c.read(4094, 12).unwrap(), [&[0u8][..], &[7u8; 10], &[0]].concat());
+    assert_eq!(
+        c.read(4094, 12).unwrap(),
+        [&[0u8][..], &[7u8; 10], &[0]].concat()
+    );
     c.flush().unwrap();
     c.trim(8192, 2048).unwrap();
     c.write_zeroes(10240, 1024, true).unwrap();
@@ -33,7 +36,13 @@ fn unknown_export_is_rejected_and_list_names_exports() {
     let srv = FakeNbd::start("disk", 4096);
     let e = NbdClient::connect_tcp(srv.addr(), "nope").unwrap_err();
     assert!(
-        matches!(e, ClientError::OptionRejected { reply: REP_ERR_UNKNOWN, .. }),
+        matches!(
+            e,
+            ClientError::OptionRejected {
+                reply: REP_ERR_UNKNOWN,
+                ..
+            }
+        ),
         "{e}"
     );
     assert_eq!(NbdClient::list_exports(srv.addr()).unwrap(), ["disk"]);
@@ -45,7 +54,10 @@ fn uri_parsing() {
         parse_uri("nbd://127.0.0.1:1234/vol-1").unwrap(),
         ("127.0.0.1:1234".into(), "vol-1".into())
     );
-    assert_eq!(parse_uri("nbd://h/x").unwrap(), ("h:10809".into(), "x".into()));
+    assert_eq!(
+        parse_uri("nbd://h/x").unwrap(),
+        ("h:10809".into(), "x".into())
+    );
     assert!(parse_uri("http://h/x").is_err());
 }
 

@@ -32,11 +32,21 @@ fn clean_run_verifies_over_nbd() {
     // 1000 / 16 periodic flushes (at most one in flight at a time) plus the final one.
     assert!(sum.flushes >= 2, "{sum}");
     let state = State::load(&st).unwrap();
-    assert_eq!(state.writes_acked, 1000, "final state covers every acked write");
-    let rep = verify(&VerifyOptions { uri: srv.uri(), state_path: st }).unwrap();
+    assert_eq!(
+        state.writes_acked, 1000,
+        "final state covers every acked write"
+    );
+    let rep = verify(&VerifyOptions {
+        uri: srv.uri(),
+        state_path: st,
+    })
+    .unwrap();
     assert!(rep.ok(), "{rep}");
     assert_eq!(rep.zero_blocks + rep.written_blocks, BLOCKS);
-    assert_eq!(rep.newer_than_durable, 0, "after the final flush nothing is newer");
+    assert_eq!(
+        rep.newer_than_durable, 0,
+        "after the final flush nothing is newer"
+    );
 }
 
 #[test]
@@ -57,7 +67,11 @@ fn crash_dropping_unflushed_writes_still_verifies() {
         let rep = verify_image(&img, &state);
         assert!(rep.ok(), "crash with keep={keep:?}: {rep}");
         let after = FakeNbd::with_image("v", img);
-        let rep = verify(&VerifyOptions { uri: after.uri(), state_path: st.clone() }).unwrap();
+        let rep = verify(&VerifyOptions {
+            uri: after.uri(),
+            state_path: st.clone(),
+        })
+        .unwrap();
         assert!(rep.ok(), "{rep}");
     }
 }
@@ -79,9 +93,18 @@ fn a_lost_flushed_write_is_detected() {
     assert!(rep.violations[0].what.contains("lost write"), "{rep}");
 
     // An older version of the block is just as lost.
-    encode(&mut img[victim * BS..(victim + 1) * BS], state.seed, victim as u64, state.durable[victim] - 1);
+    encode(
+        &mut img[victim * BS..(victim + 1) * BS],
+        state.seed,
+        victim as u64,
+        state.durable[victim] - 1,
+    );
     let after = FakeNbd::with_image("v", img);
-    let rep = verify(&VerifyOptions { uri: after.uri(), state_path: st }).unwrap();
+    let rep = verify(&VerifyOptions {
+        uri: after.uri(),
+        state_path: st,
+    })
+    .unwrap();
     assert!(!rep.ok());
     assert!(rep.to_string().contains("VERIFY FAILED"), "{rep}");
 }
@@ -97,7 +120,9 @@ fn server_going_away_is_reported_as_connection_lost() {
     let done = Arc::new(AtomicU64::new(0));
     o.flushes_done = Some(done.clone());
     let h = std::thread::spawn(move || write(&o).unwrap());
-    assert!(crate::wait_until(Duration::from_secs(20), || done.load(Ordering::SeqCst) >= 3));
+    assert!(crate::wait_until(Duration::from_secs(20), || done
+        .load(Ordering::SeqCst)
+        >= 3));
     drop(srv); // stops serving: connection threads exit at their next request
     let sum = h.join().unwrap();
     assert!(sum.connection_lost, "{sum}");
