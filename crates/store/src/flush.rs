@@ -106,8 +106,16 @@ impl SyncCoalescer {
 
     /// Runs syncs until no waiter is left. Call on a thread that may block, once per
     /// [`Registered::MustRun`]. Returns the failure if a sync failed (the volume is then
-    /// faulted and every waiter failed; the sync is never retried).
-    pub(crate) fn run(&self, backend: &dyn Backend, fault: &FaultState) -> Option<SyncFailure> {
+    /// faulted and every waiter failed; the sync is never retried). `on_first_fault` runs
+    /// before any waiter learns of the failure, so the fault is reported (event, alert)
+    /// before a client can see the error.
+    pub(crate) fn run(
+        &self,
+        backend: &dyn Backend,
+        fault: &FaultState,
+        on_first_fault: impl FnOnce(&str),
+    ) -> Option<SyncFailure> {
+        let mut on_first_fault = Some(on_first_fault);
         loop {
             let seq = {
                 let mut s = self.state.lock().unwrap();
@@ -144,6 +152,11 @@ impl SyncCoalescer {
             let again = !s.waiters.is_empty();
             s.scheduled = again;
             drop(s);
+            if let Some(f) = failure.as_ref().filter(|f| f.first_fault) {
+                if let Some(report) = on_first_fault.take() {
+                    report(&f.reason);
+                }
+            }
             for (_, done) in ready {
                 done(result.clone().map(|()| IoReply::Done));
             }

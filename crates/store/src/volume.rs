@@ -352,13 +352,11 @@ impl Inner {
     }
 
     pub(crate) fn run_syncs(&self) {
-        if let Some(failure) = self.syncs.run(&*self.backend, &self.fault) {
-            if failure.first_fault {
-                self.report(crate::VolumeErrorEvent::Faulted {
-                    reason: failure.reason,
-                });
-            }
-        }
+        self.syncs.run(&*self.backend, &self.fault, |reason| {
+            self.report(crate::VolumeErrorEvent::Faulted {
+                reason: reason.to_owned(),
+            });
+        });
     }
 
     pub(crate) fn report(&self, event: VolumeErrorEvent) {
