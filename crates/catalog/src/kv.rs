@@ -12,6 +12,7 @@ use std::future::Future;
 use bw_types::{Name, NodeId};
 use tokio::sync::broadcast;
 
+use crate::lease::LeaseId;
 use crate::records::{EventRecord, NewEvent, NodeRecord, VolumeRecord};
 
 /// A key's modification revision. Revisions come from one counter per catalog that grows with
@@ -35,6 +36,10 @@ pub struct Key(String);
 pub enum Prefix {
     Volumes,
     Nodes,
+    /// `owners/<volume>`: the lease-bound ownership key of an attached volume (cluster mode).
+    Owners,
+    /// `alive/<node id>`: a node's lease-bound liveness key (cluster mode).
+    Alive,
 }
 
 impl Prefix {
@@ -42,6 +47,8 @@ impl Prefix {
         match self {
             Prefix::Volumes => "volumes/",
             Prefix::Nodes => "nodes/",
+            Prefix::Owners => "owners/",
+            Prefix::Alive => "alive/",
         }
     }
 }
@@ -53,6 +60,16 @@ impl Key {
 
     pub fn node(id: &NodeId) -> Key {
         Key(format!("{}{}", Prefix::Nodes.as_str(), id.0))
+    }
+
+    /// The ownership key of a volume; its creation revision is the volume's generation.
+    pub fn owner(volume: &Name) -> Key {
+        Key(format!("{}{volume}", Prefix::Owners.as_str()))
+    }
+
+    /// The liveness key of a node, bound to the node's session lease.
+    pub fn alive(id: &NodeId) -> Key {
+        Key(format!("{}{}", Prefix::Alive.as_str(), id.0))
     }
 
     pub fn as_str(&self) -> &str {
@@ -92,6 +109,9 @@ impl fmt::Display for Expect {
 pub enum Change {
     /// Store this value (a JSON document).
     Put(Vec<u8>),
+    /// Store this value bound to a lease: the key is deleted when the lease expires or is
+    /// revoked. Fails with `LeaseExpired` if the lease is already gone.
+    PutWithLease(Vec<u8>, LeaseId),
     Delete,
     /// Only check the expectation (e.g. "the node record I placed on is unchanged").
     Check,
@@ -141,7 +161,7 @@ impl TxnOp {
 
 /// Serializing our own records cannot fail: no maps with non-string keys, no custom
 /// serializers that error.
-fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("catalog records always serialize")
 }
 
@@ -169,7 +189,16 @@ pub enum CatalogError {
         #[source]
         source: serde_json::Error,
     },
-    /// The backend itself failed (disk error, etcd unreachable).
+    /// No member of the cluster store could serve the request in time (no quorum, every
+    /// endpoint down or unreachable). Nothing is known to have changed unless `reason` says
+    /// the outcome is unknown.
+    #[error("cluster store unavailable: {reason}")]
+    Unavailable { reason: String },
+    /// The lease is gone (expired, revoked, or never existed): its keys are deleted and a
+    /// holder must stop acting on what it guarded.
+    #[error("lease {lease} has expired or was revoked")]
+    LeaseExpired { lease: LeaseId },
+    /// The backend itself failed (disk error, an unexpected answer from etcd).
     #[error("the catalog's storage failed: {context}")]
     Backend {
         context: String,
@@ -182,9 +211,18 @@ impl CatalogError {
     pub fn is_conflict(&self) -> bool {
         matches!(self, CatalogError::Conflict { .. })
     }
+
+    /// True when the store could not be reached or has no quorum: retry later, or fail the
+    /// operator's command with this message.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, CatalogError::Unavailable { .. })
+    }
 }
 
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
+
+/// (key, value, revision) rows of a listing, in key order.
+pub type Rows = Vec<(Key, Vec<u8>, Revision)>;
 
 /// The metadata store. Methods are `async` because the etcd backend is; the embedded one runs
 /// its synchronous redb work on the blocking pool. Callers are generic over `C: Catalog`.

@@ -6,6 +6,12 @@
 //! instance was dropped (embedded: a file per namespace; etcd: a key prefix per namespace).
 //! Backends should be configured with a small event retention (e.g.
 //! [`CONTRACT_EVENT_RETENTION`]): the trimming check appends `retention + 5` events.
+//!
+//! - [`cluster`]: the `ClusterStore` suite (leases, owners, generations, watches).
+//! - [`etcd`]: a throwaway etcd (one member or a cluster) for tests.
+
+pub mod cluster;
+pub mod etcd;
 
 use std::future::Future;
 use std::sync::Arc;
