@@ -22,7 +22,7 @@
 #   Server CPU per op = server process CPU time (/proc/PID/stat, all threads) / fio IOs
 #   (per MiB for the copy): the steadiest figure on a noisy shared machine.
 #
-# Usage:   sudo bench/nbd-bench.sh            (one command, as root; ~9 min at defaults)
+# Usage:   sudo bench/nbd-bench.sh            (one command, as root; ~8-9 min at defaults)
 # Env:     REPS=3 FIO_RUNTIME=6 FIO_RAMP=1 KEEP_DATA=0 (1 = keep and reuse the filled images)
 #          BUILD=1 (0 = use the existing target/release/blockwarden)
 #          QEMU_AIO=auto|io_uring|native   PERF=0 (1 = `perf record` the agent during each of
@@ -195,18 +195,17 @@ target_args() {
 target_pid() { case $1 in qemu-nbd) echo "$QPID" ;; nbdkit) echo "$KPID" ;; blockwarden) echo "$APID" ;; *) echo "" ;; esac; }
 target_uri() { case $1 in qemu-nbd) echo "$QURI" ;; nbdkit) echo "$KURI" ;; blockwarden) echo "$BURI" ;; *) echo "$RAWCOPY" ;; esac; }
 
-perf_start() {  # perf_start TEST REP : profile the agent for the length of one job
+perf_start() {  # perf_start : profile the agent (all threads, user + kernel) until perf_stop
     [ "$PERF" = 1 ] || return 0
     mkdir -p "$PERF_DIR"
-    perf record -q -F 499 --call-graph dwarf,16384 -p "$APID" -o "$TMP/perf.data" \
-        -- sleep "$((FIO_RUNTIME + FIO_RAMP))" >/dev/null 2>&1 &
+    timeout -k 5 300 perf record -q -F 499 --call-graph dwarf,16384 -p "$APID" -o "$TMP/perf.data" \
+        >/dev/null 2>"$TMP/perf.err" &
     PPID_PERF=$!
+    sleep 0.5   # let perf attach before the load starts
 }
 perf_stop() {
     [ "$PERF" = 1 ] && [ -n "$PPID_PERF" ] || return 0
-    local i
-    for i in $(seq 300); do kill -0 "$PPID_PERF" 2>/dev/null || break; sleep 0.1; done
-    stop_pid "$PPID_PERF"; PPID_PERF=""
+    stop_pid "$PPID_PERF"; PPID_PERF=""   # SIGTERM: perf record writes its file and exits
     local out="$PERF_DIR/${1//\//_}-rep$2.txt"
     { echo "# perf report --no-children (self time) of the agent during $1 rep $2"
       timeout 300 perf report -i "$TMP/perf.data" --no-children --stdio --sort comm,dso,sym -g none \
@@ -222,13 +221,15 @@ copy_run() {  # copy_run TARGET REP : nbdcopy --flush of the 2 GiB source
     local tgt=$1 rep=$2 test="$1/nbdcopy_2G" pid el us sy
     pid=$(target_pid "$tgt")
     cat "$SRC" > /dev/null   # source in page cache for every run
+    [ "$tgt" = blockwarden ] && perf_start
     # shellcheck disable=SC2086
     ctx_begin $pid
     timeout -k 5 300 /usr/bin/time -f '%e %U %S' -o "$TMP/copy.time" \
         nbdcopy --flush "$SRC" "$(target_uri "$tgt")" >/dev/null 2>"$TMP/copy.err" \
-        || { log "copy $test failed: $(tail -2 "$TMP/copy.err")"; return 0; }
+        || { log "copy $test failed: $(tail -2 "$TMP/copy.err")"; [ "$tgt" = blockwarden ] && perf_stop "$test" "$rep"; return 0; }
     # shellcheck disable=SC2086
     ctx_end "$test" "$rep" $pid
+    [ "$tgt" = blockwarden ] && perf_stop "$test" "$rep"
     read -r el us sy < "$TMP/copy.time"
     rec "$test" "$rep" elapsed_s "$el"
     rec "$test" "$rep" MiBps "$(awk -v e="$el" 'BEGIN{printf "%.1f", 2048/e}')"
@@ -322,7 +323,8 @@ for j in "${JOBS[@]}" "nbdcopy_2G"; do
     done
 done
 echo
-echo "x better peer: per rep, blockwarden / max(qemu-nbd, nbdkit) in that rep (randwrite_4k_qd1: p50 latency / min(peer p50), lower is better); median [min..max] over reps"
+echo "x better peer: per rep, blockwarden / max(qemu-nbd, nbdkit) in that rep; x raw: per rep, target / raw in that rep; median [min..max] over reps"
+echo "  randwrite_4k_qd1: both ratios are of p50 latency (blockwarden p50 / min(peer p50), target p50 / raw p50): lower is better"
 echo "srvCPU = server process CPU, % of one core; srv_us/op = server CPU µs per fio IO (per MiB for nbdcopy_2G); cpu% = whole machine busy (all CPUs, everyone's load); load = loadavg 1 min at end of test"
 echo "blockwarden volume file resident in page cache before each job (fincore): $(mmm blockwarden/randread_4k_qd32 cached_pct)% before randread_4k_qd32; agent peak RSS $(m blockwarden/agent rss_peak_MiB) MiB"
 echo

@@ -18,6 +18,7 @@ TOOLS=(
   "etcd:etcd-server"
   "etcdctl:etcd-client"
   "ip:iproute2"
+  "nft:nftables"          # network faults inside the cluster tests' namespaces
   "mkfs.ext4:e2fsprogs"
   "fsck.ext4:e2fsprogs"
   "fusermount3:fuse3"

@@ -35,6 +35,8 @@ pub struct FileConfig {
     /// Commands run for every event of warning level or higher (C5 hooks).
     #[serde(default)]
     pub alert_command: Option<String>,
+    /// Session lease TTL, e.g. "8s" (see `--lease-ttl`).
+    pub lease_ttl: Option<String>,
 }
 
 /// The resolved configuration the agent runs with.
@@ -52,6 +54,9 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     pub log_level: log::LevelFilter,
     pub alert_command: Option<String>,
+    /// TTL of the node's session lease: a dead node's volumes can be taken over about this
+    /// long after its death; a node cut off from the store stops I/O 2 s before it ends.
+    pub lease_ttl: std::time::Duration,
 }
 
 /// Flags as parsed from the command line (all optional, so the file can supply them).
@@ -88,6 +93,10 @@ pub struct AgentFlags {
     /// on stdin as JSON and in BLOCKWARDEN_EVENT_* variables.
     #[arg(long, value_name = "COMMAND")]
     pub alert_command: Option<String>,
+    /// Session lease TTL (cluster mode): takeover after a node dies takes about this long;
+    /// below 5s every etcd leader election risks a spurious failover [default: 8s].
+    #[arg(long, value_name = "DURATION")]
+    pub lease_ttl: Option<String>,
 }
 
 impl AgentConfig {
@@ -163,6 +172,11 @@ impl AgentConfig {
             other => bail!("invalid log level {other:?}: use error, warn, info or debug"),
         };
         let nbd_socket = file.nbd_socket.unwrap_or_else(|| data_dir.join("nbd.sock"));
+        let ttl_text = flags.lease_ttl.clone().or(file.lease_ttl).unwrap_or_else(|| "8s".into());
+        let lease_ttl = parse_duration(&ttl_text).with_context(|| format!("invalid lease TTL {ttl_text:?}"))?;
+        if lease_ttl < std::time::Duration::from_secs(3) || lease_ttl > std::time::Duration::from_secs(600) {
+            bail!("lease TTL {ttl_text} is out of range: use 3s to 600s (8s is the default; below 5s elections cause spurious failovers)");
+        }
         Ok(AgentConfig {
             data_dir,
             node_name,
@@ -174,6 +188,7 @@ impl AgentConfig {
             labels,
             log_level,
             alert_command: flags.alert_command.clone().or(file.alert_command),
+            lease_ttl,
         })
     }
 }
@@ -187,6 +202,19 @@ fn load_file(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// Parses `8s`, `1500ms`, `2m`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("expected a number with s, ms or m"))?;
+    Ok(match unit {
+        "" | "s" => std::time::Duration::from_secs(n),
+        "ms" => std::time::Duration::from_millis(n),
+        "m" => std::time::Duration::from_secs(n * 60),
+        _ => bail!("unknown unit {unit:?}: use ms, s or m"),
+    })
 }
 
 /// Accepts `host:port`, `:port` (all interfaces) and `localhost:port`.

@@ -92,6 +92,8 @@ fn assert_consistent(agent: &Agent) {
             .as_str()
             .unwrap_or_else(|| panic!("volume JSON has an id: {v}"));
         want.insert(format!("{id}.img"));
+        // The replica's generation fence (highest generation admitted), beside its data.
+        want.insert(format!("{id}.img.meta"));
         let mut c = NbdClient::connect_uri(&agent.nbd_uri(name))
             .unwrap_or_else(|e| panic!("listed volume {name} must be usable: {e}"));
         c.write(0, &[0x5a; 4096], true).unwrap();

@@ -117,6 +117,25 @@ pub struct NodeRecord {
     pub started_at_ms: u64,
     #[serde(default)]
     pub last_seen_ms: u64,
+    /// The node's report of the replicas it actually holds, by volume id, written with
+    /// `last_seen_ms` (so a report's age is `now - last_seen_ms`).
+    #[serde(default)]
+    pub replicas: BTreeMap<String, ReplicaReport>,
+}
+
+/// What a node reports about one replica it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ReplicaReport {
+    pub volume: String,
+    /// `in_sync`, `faulted`, `missing`, …
+    pub state: String,
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// Highest generation the replica has admitted.
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Severity of an event.

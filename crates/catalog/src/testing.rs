@@ -79,6 +79,7 @@ pub fn sample_node(name: &str, id: &str) -> NodeRecord {
         free_bytes: 50 << 30,
         started_at_ms: 1,
         last_seen_ms: 2,
+        replicas: Default::default(),
     }
 }
 

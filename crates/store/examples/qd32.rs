@@ -80,7 +80,7 @@ fn main() {
         FILE_BYTES,
         VolumeOptions {
             io_workers: workers,
-            on_error: None,
+            ..VolumeOptions::default()
         },
     )
     .unwrap();

@@ -11,6 +11,9 @@
 //!   hits are served inline in `submit`, the rest on a small pool of I/O threads (`pool`);
 //!   flushes and FUA writes share coalesced `fdatasync`s (`flush`); any failed write or sync
 //!   faults the volume for good (fail-stop).
+//! - [`replica`]: [`Replica`], a `LocalVolume` behind a durable generation fence (the
+//!   highest generation seen, in `<volume file>.meta`): older attachments are refused on
+//!   every path, peer protocol and local ([`ReplicaDevice`]) alike.
 //! - `files`: crash-safe primitives for volume files ([`create_volume_file`],
 //!   [`grow_volume_file`], [`remove_volume_file`], [`fsync_dir`]).
 //!
@@ -24,6 +27,7 @@ mod files;
 mod flush;
 mod ops;
 mod pool;
+pub mod replica;
 pub mod testing;
 mod volume;
 
@@ -34,6 +38,10 @@ pub use files::{
     TEMP_SUFFIX,
 };
 pub use pool::{MAX_QUEUED_JOBS, WORKER_IDLE_EXIT};
+pub use replica::{
+    default_meta_path, AdmitError, AdvanceCallback, Fenced, InFlight, Replica, ReplicaDevice,
+    ReplicaError, ReplicaOptions, ADMIT_DRAIN_TIMEOUT, META_LEN, META_SUFFIX,
+};
 pub use volume::{
     ErrorCallback, LocalVolume, VolumeErrorEvent, VolumeOptions, VolumeStats, DEFAULT_IO_WORKERS,
     MAX_BLOCK_STATUS_EXTENTS, MAX_READ_BYTES, MAX_VOLUME_BYTES,

@@ -3,6 +3,8 @@
 //! - [`agent`]: spawn the real `blockwarden` binary on a fresh data dir and free ports, wait
 //!   for its ready line, kill it (`kill9`), stop it (SIGTERM), restart it on the same data dir,
 //!   and drive its CLI. Dropping an [`Agent`] kills the process and removes its temp dir.
+//! - [`cluster`]: multi-host tests on one machine: network namespaces on a bridge, nftables
+//!   faults, a real etcd cluster and cluster-mode agents in their namespaces.
 //! - [`cmd`]: run outside tools (qemu-img, fio, …) with a deadline and readable failures;
 //!   [`cmd::require_tool`] decides whether a test can run (skip loudly, or panic under `CI`).
 //! - [`e2e`]: [`start_agent!`], test files, checksums and [`e2e::Cleanup`] guards.
@@ -19,6 +21,7 @@
 //! - [`rng`]: a small seeded PRNG (SplitMix64) so runs are reproducible from their seed.
 
 pub mod agent;
+pub mod cluster;
 pub mod cmd;
 pub mod e2e;
 pub mod fake_nbd;

@@ -1,32 +1,80 @@
-//! The HTTP API's view of the node: implements [`api::Control`] over [`Node`].
+//! The HTTP API's view of the cluster: implements [`api::Control`] over [`Node`]. Any agent
+//! answers any call; attach and detach aimed at another node are forwarded to that node's
+//! API, since the attachment must live where the NBD export is served.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use api::{
-    ApiError, Attached, AttachmentView, Control, CreateVolume, ErrorCode, EventFollow, EventQuery,
-    EventView, NodeView, ReplicaView, StatusView, VolumeSettings, VolumeView,
+    ApiError, Attached, AttachmentView, Control, CreateVolume, ErrorCode, EventFollow, EventQuery, EventView, NodeView,
+    ReplicaView, StatusView, VolumeSettings, VolumeView,
 };
-use bw_types::Name;
-use catalog::{Catalog, EventRecord, Level, VolumeRecord};
+use bw_types::{Name, NodeId};
+use catalog::{ClusterStore, EventRecord, Level, NodeRecord, OwnerRecord, Prefix, VolumeRecord};
 use tokio::sync::mpsc;
 
-use super::node::{catalog_error, Node};
+use super::attach::HeldBy;
+use super::node::{attach_error, catalog_error, Node};
 use crate::logging::now_ms;
 
-pub struct AgentControl<C: Catalog>(pub Arc<Node<C>>);
+pub struct AgentControl<C: ClusterStore>(pub Arc<Node<C>>);
 
-impl<C: Catalog> AgentControl<C> {
-    fn view(&self, rec: &VolumeRecord) -> VolumeView {
+/// What a view needs besides the record: nodes, alive set and owner keys, read once per call.
+struct Context {
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    alive: Vec<NodeId>,
+    owners: BTreeMap<String, (OwnerRecord, u64)>,
+}
+
+impl<C: ClusterStore> AgentControl<C> {
+    async fn context(&self) -> Result<Context, ApiError> {
+        let c = &self.0.catalog;
+        let nodes = self.0.node_records().await?;
+        let alive = c.list_alive().await.map_err(catalog_error)?.into_iter().map(|(id, _)| id).collect();
+        let (rows, _) = c.list_at(Prefix::Owners).await.map_err(catalog_error)?;
+        let owners = rows
+            .into_iter()
+            .filter_map(|(k, v, rev)| {
+                let name = k.as_str().rsplit('/').next()?.to_owned();
+                serde_json::from_slice::<OwnerRecord>(&v).ok().map(|o| (name, (o, rev.0)))
+            })
+            .collect();
+        Ok(Context { nodes, alive, owners })
+    }
+
+    fn node_name(&self, ctx: &Context, id: &NodeId) -> String {
+        ctx.nodes.get(id).map(|n| n.name.to_string()).unwrap_or_else(|| id.to_string())
+    }
+
+    fn view(&self, ctx: &Context, rec: &VolumeRecord) -> VolumeView {
         let node = &self.0;
-        let served = node.served(&rec.name);
-        let usage = served.as_ref().map(|s| s.usage()).unwrap_or_default();
-        let attached = rec.attachment.as_ref().map(|a| AttachmentView {
-            node: a.node_name.to_string(),
-            generation: a.generation.0,
-            since_ms: a.since_ms,
-            explicit: a.explicit,
+        let owner = ctx.owners.get(rec.name.as_str());
+        let attached = owner.map(|(o, generation)| AttachmentView {
+            node: self.node_name(ctx, &o.node),
+            generation: *generation,
+            since_ms: o.since_ms,
+            explicit: rec.attachment.as_ref().is_some_and(|a| a.explicit && a.generation.0 == *generation),
         });
-        let faulted = served.as_ref().and_then(|s| s.device.fault_reason());
+        let local = node.attachment(&rec.name);
+        let nbd_uri = owner.and_then(|(o, _)| ctx.nodes.get(&o.node)).map(|n| uri_for(&n.nbd_addr, &rec.name));
+        let now = now_ms();
+        let replica_set: Vec<ReplicaView> = rec
+            .replicas_placed
+            .iter()
+            .map(|r| {
+                let desired = serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                let alive = ctx.alive.contains(&r.node_id);
+                let actual = ctx.nodes.get(&r.node_id).and_then(|n| n.replicas.get(&rec.id.0).map(|rep| (rep, now.saturating_sub(n.last_seen_ms))));
+                let state = match (alive, actual) {
+                    (false, _) => format!("{desired} (node down)"),
+                    (true, Some((rep, age))) if rep.state != desired => format!("{} (desired {desired}, reported {}s ago)", rep.state, age / 1000),
+                    (true, None) if desired == "in_sync" => format!("{desired} (not reported yet)"),
+                    _ => desired,
+                };
+                ReplicaView { node: r.node_name.to_string(), state }
+            })
+            .collect();
+        let degraded = replica_set.iter().any(|r| r.state != "in_sync");
         VolumeView {
             name: rec.name.to_string(),
             id: rec.id.0.clone(),
@@ -41,53 +89,37 @@ impl<C: Catalog> AgentControl<C> {
                 catalog::VolumeState::Ready => api::VolumeState::Ready,
                 catalog::VolumeState::Deleting => api::VolumeState::Deleting,
             },
-            degraded: faulted.is_some(),
-            generation: rec.generation.0,
-            in_use_connections: usage.connections,
-            nbd_uri: Some(nbd_uri(&node.config.nbd_listen, &rec.name)),
+            degraded,
+            generation: rec.generation.0.max(owner.map(|(_, g)| *g).unwrap_or(0)),
+            in_use_connections: local.map(|a| a.usage().connections).unwrap_or(0),
+            nbd_uri,
             attached,
-            replica_set: rec
-                .replicas_placed
-                .iter()
-                .map(|r| ReplicaView {
-                    node: r.node_name.to_string(),
-                    state: if faulted.is_some() {
-                        "faulted".into()
-                    } else {
-                        replica_state(r.state).into()
-                    },
-                })
-                .collect(),
+            replica_set,
             spread: rec.spread.clone(),
             resync_rate_bytes_per_s: rec.resync_rate_bytes_per_s,
             created_at_ms: rec.created_at_ms,
         }
     }
-}
 
-fn replica_state(s: catalog::ReplicaState) -> &'static str {
-    match s {
-        catalog::ReplicaState::Creating => "creating",
-        catalog::ReplicaState::InSync => "in_sync",
-        catalog::ReplicaState::Stale => "stale",
-        catalog::ReplicaState::Faulted => "faulted",
+    /// The API client of another node, by name.
+    async fn remote_api(&self, node: &Name) -> Result<api::Client, ApiError> {
+        let nodes = self.0.node_records().await?;
+        let rec = nodes.values().find(|n| n.name == *node).ok_or_else(|| ApiError::not_found(format!("no node named {node}")))?;
+        api::Client::new(&format!("http://{}", rec.api_addr)).map_err(|e| ApiError::internal(e.to_string()))
     }
 }
 
-/// `nbd://HOST:PORT/NAME`; a wildcard listen address is shown as 127.0.0.1 (what a local
-/// client can reach).
-pub fn nbd_uri(listen: &std::net::SocketAddr, name: &Name) -> String {
-    let host = if listen.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        listen.ip().to_string()
-    };
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host
-    };
-    format!("nbd://{host}:{}/{name}", listen.port())
+/// `nbd://HOST:PORT/NAME`; a wildcard listen address is shown as 127.0.0.1.
+pub fn uri_for(listen: &str, name: &Name) -> String {
+    let addr: Option<std::net::SocketAddr> = listen.parse().ok();
+    match addr {
+        Some(a) => {
+            let host = if a.ip().is_unspecified() { "127.0.0.1".to_owned() } else { a.ip().to_string() };
+            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            format!("nbd://{host}:{}/{name}", a.port())
+        }
+        None => format!("nbd://{listen}/{name}"),
+    }
 }
 
 pub fn event_view(e: EventRecord) -> EventView {
@@ -106,40 +138,33 @@ pub fn event_view(e: EventRecord) -> EventView {
     }
 }
 
-/// Capacity and free bytes of the file system holding `path`.
-pub fn fs_space(path: &std::path::Path) -> (u64, u64) {
-    use std::os::unix::ffi::OsStrExt as _;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return (0, 0);
-    };
-    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return (0, 0);
+fn forwarded(e: api::ClientError) -> ApiError {
+    match e.api_error() {
+        Some(a) => a.clone(),
+        None => ApiError::new(ErrorCode::Unavailable, e.to_string()),
     }
-    let frag = st.f_frsize as u64;
-    (st.f_blocks as u64 * frag, st.f_bavail as u64 * frag)
 }
 
-impl<C: Catalog> Control for AgentControl<C> {
+impl<C: ClusterStore> Control for AgentControl<C> {
     async fn create_volume(&self, req: CreateVolume) -> Result<VolumeView, ApiError> {
         let rec = self.0.create_volume(req).await?;
-        Ok(self.view(&rec))
+        Ok(self.view(&self.context().await?, &rec))
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeView>, ApiError> {
         let recs = self.0.catalog.list_volumes().await.map_err(catalog_error)?;
-        Ok(recs.iter().map(|(r, _)| self.view(r)).collect())
+        let ctx = self.context().await?;
+        Ok(recs.iter().map(|(r, _)| self.view(&ctx, r)).collect())
     }
 
     async fn get_volume(&self, name: Name) -> Result<VolumeView, ApiError> {
         let (rec, _) = self.0.get_record(&name).await?;
-        Ok(self.view(&rec))
+        Ok(self.view(&self.context().await?, &rec))
     }
 
     async fn resize_volume(&self, name: Name, size_bytes: u64) -> Result<VolumeView, ApiError> {
         let rec = self.0.resize_volume(&name, size_bytes).await?;
-        Ok(self.view(&rec))
+        Ok(self.view(&self.context().await?, &rec))
     }
 
     async fn delete_volume(&self, name: Name, force: bool) -> Result<(), ApiError> {
@@ -147,67 +172,88 @@ impl<C: Catalog> Control for AgentControl<C> {
     }
 
     async fn attach_volume(&self, name: Name, node: Option<Name>) -> Result<Attached, ApiError> {
-        let (rec, generation) = self.0.attach_volume(&name, node.as_ref()).await?;
+        if let Some(target) = node.filter(|n| *n != self.0.me.name) {
+            let client = self.remote_api(&target).await?;
+            return client.attach_volume(name.as_str(), Some(target.as_str())).await.map_err(forwarded);
+        }
+        let att = self.0.acquire(&name, true).await.map_err(attach_error)?;
         Ok(Attached {
-            nbd_uri: nbd_uri(&self.0.config.nbd_listen, &rec.name),
+            nbd_uri: uri_for(&self.0.config.nbd_listen.to_string(), &name),
             node: self.0.me.name.to_string(),
-            generation: generation.0,
+            generation: att.generation.0,
         })
     }
 
     async fn detach_volume(&self, name: Name) -> Result<(), ApiError> {
-        self.0.detach_volume(&name).await
+        self.0.get_record(&name).await?;
+        match self.0.catalog.get_owner(&name).await.map_err(catalog_error)? {
+            None => Ok(()),
+            Some(held) if held.holder == self.0.me.id => self.0.detach_local(&name).await,
+            Some(held) => {
+                let holder = self.0.node_name(&held.holder).await;
+                let holder = Name::new(&holder).map_err(|e| ApiError::internal(e.to_string()))?;
+                let client = self.remote_api(&holder).await.map_err(|e| {
+                    let h = HeldBy { volume: name.clone(), holder: holder.to_string(), generation: held.generation, since_ms: held.since_ms };
+                    ApiError::new(ErrorCode::Unavailable, format!("{}; cannot reach that node to detach: {}", super::attach::AttachError::Held(h), e.message))
+                })?;
+                client.detach_volume(name.as_str()).await.map_err(forwarded)
+            }
+        }
     }
 
-    async fn set_volume(
-        &self,
-        name: Name,
-        settings: VolumeSettings,
-    ) -> Result<VolumeView, ApiError> {
+    async fn set_volume(&self, name: Name, settings: VolumeSettings) -> Result<VolumeView, ApiError> {
         let (rec, _) = self.0.get_record(&name).await?;
         if settings.mode == Some(api::Mode::Async) {
-            return Err(ApiError::bad_request(
-                "--mode async needs a second site; an embedded agent has one node",
-            ));
+            return Err(ApiError::bad_request("--mode async (geographic replication) is not available in this build"));
         }
         if settings.resync_rate_bytes_per_s.is_some() {
-            return Err(ApiError::new(
-                ErrorCode::BadRequest,
-                format!("volume {name} has one replica: there is nothing to resync (replication needs a cluster)"),
-            ));
+            return Err(ApiError::bad_request(format!(
+                "volume {name} has one replica: there is nothing to resync (synchronous replication is not available in this build yet)"
+            )));
         }
-        Ok(self.view(&rec))
+        Ok(self.view(&self.context().await?, &rec))
     }
 
     async fn list_nodes(&self) -> Result<Vec<NodeView>, ApiError> {
-        let n = &self.0;
-        let (capacity, free) = fs_space(&n.volumes_dir);
-        Ok(vec![NodeView {
-            id: n.me.id.0.clone(),
-            name: n.me.name.to_string(),
-            labels: n.config.labels.clone(),
-            nbd_addr: n.config.nbd_listen.to_string(),
-            api_addr: n.config.api_listen.to_string(),
-            peer_addr: None,
-            capacity_bytes: capacity,
-            free_bytes: free,
-            started_at_ms: n.started_at_ms,
-            last_seen_ms: now_ms(),
-            alive: true,
-        }])
+        let ctx = self.context().await?;
+        let mut nodes: Vec<NodeRecord> = ctx.nodes.values().cloned().collect();
+        if nodes.iter().all(|n| n.id != self.0.me.id) {
+            nodes.push(self.0.own_record());
+        }
+        Ok(nodes
+            .into_iter()
+            .map(|n| {
+                let alive = ctx.alive.contains(&n.id);
+                let fresh = if n.id == self.0.me.id { self.0.own_record() } else { n };
+                NodeView {
+                    id: fresh.id.0.clone(),
+                    name: fresh.name.to_string(),
+                    labels: fresh.labels.clone(),
+                    nbd_addr: fresh.nbd_addr.clone(),
+                    api_addr: fresh.api_addr.clone(),
+                    peer_addr: fresh.peer_addr.clone(),
+                    capacity_bytes: fresh.capacity_bytes,
+                    free_bytes: fresh.free_bytes,
+                    started_at_ms: fresh.started_at_ms,
+                    last_seen_ms: fresh.last_seen_ms,
+                    alive,
+                }
+            })
+            .collect())
     }
 
     async fn status(&self) -> Result<StatusView, ApiError> {
         let n = &self.0;
         let recs = n.catalog.list_volumes().await.map_err(catalog_error)?;
-        let views: Vec<VolumeView> = recs.iter().map(|(r, _)| self.view(r)).collect();
+        let ctx = self.context().await?;
+        let views: Vec<VolumeView> = recs.iter().map(|(r, _)| self.view(&ctx, r)).collect();
         Ok(StatusView {
             node: n.me.name.to_string(),
             node_id: n.me.id.0.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            catalog: "embedded".into(),
+            catalog: if n.cluster { "etcd".into() } else { "embedded".into() },
             uptime_ms: now_ms().saturating_sub(n.started_at_ms),
-            nodes: 1,
+            nodes: ctx.nodes.len().max(1) as u32,
             volumes: views.len() as u32,
             volumes_size_bytes: views.iter().map(|v| v.size_bytes).sum(),
             attached: views.iter().filter(|v| v.attached.is_some()).count() as u32,
@@ -219,16 +265,9 @@ impl<C: Catalog> Control for AgentControl<C> {
         let c = &self.0.catalog;
         let after = match q.since {
             Some(s) => s,
-            None => c
-                .last_event_seq()
-                .await
-                .map_err(catalog_error)?
-                .saturating_sub(u64::from(q.limit)),
+            None => c.last_event_seq().await.map_err(catalog_error)?.saturating_sub(u64::from(q.limit)),
         };
-        let evs = c
-            .events_since(after, q.limit as usize)
-            .await
-            .map_err(catalog_error)?;
+        let evs = c.events_since(after, q.limit as usize).await.map_err(catalog_error)?;
         Ok(evs.into_iter().map(event_view).collect())
     }
 

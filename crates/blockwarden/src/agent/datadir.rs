@@ -6,7 +6,9 @@
 //!   agent.lock        flock()ed for the agent's lifetime; holds the owner's pid (for errors)
 //!   node-id           this node's id, chosen on first start
 //!   catalog.redb      the embedded catalog (volumes, events)
-//!   volumes/<id>.img  one sparse file per volume, named by volume id
+//!   volumes/<id>.img  one sparse file per volume replica, named by volume id
+//!   volumes/<id>.img.meta  the replica's generation fence (highest generation admitted)
+//!   lost+found/       volume files no catalog record accounts for (never deleted by us)
 //!   nbd.sock          NBD Unix socket (removed and re-created at start)
 //! ```
 

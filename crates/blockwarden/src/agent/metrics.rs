@@ -1,59 +1,63 @@
-//! `GET /metrics`: node, NBD server and per-volume series in the Prometheus text format.
+//! `GET /metrics`: node, NBD server, peer server and per-volume series in the Prometheus
+//! text format.
 
 use std::fmt::Write as _;
 
-use catalog::Catalog;
+use catalog::ClusterStore;
 
-use super::control::fs_space;
-use super::node::Node;
+use super::node::{fs_space, Node};
 use crate::logging::now_ms;
 
-pub async fn render<C: Catalog>(node: &Node<C>) -> String {
+pub async fn render<C: ClusterStore>(node: &Node<C>) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let (capacity, free) = fs_space(&node.volumes_dir);
-    let node_label = format!("node=\"{}\"", node.me.name);
+    let l = format!("node=\"{}\"", node.me.name);
+    let session = node.session();
     let _ = write!(
         out,
-        "# HELP blockwarden_up 1 while the agent runs.\n# TYPE blockwarden_up gauge\nblockwarden_up{{{node_label}}} 1\n\
+        "# HELP blockwarden_up 1 while the agent runs.\n# TYPE blockwarden_up gauge\nblockwarden_up{{{l}}} 1\n\
          # HELP blockwarden_uptime_seconds Seconds since the agent started.\n# TYPE blockwarden_uptime_seconds gauge\n\
-         blockwarden_uptime_seconds{{{node_label}}} {}\n\
+         blockwarden_uptime_seconds{{{l}}} {}\n\
          # HELP blockwarden_pool_capacity_bytes Size of the file system holding the volumes.\n# TYPE blockwarden_pool_capacity_bytes gauge\n\
-         blockwarden_pool_capacity_bytes{{{node_label}}} {capacity}\n\
+         blockwarden_pool_capacity_bytes{{{l}}} {capacity}\n\
          # HELP blockwarden_pool_free_bytes Free bytes on that file system.\n# TYPE blockwarden_pool_free_bytes gauge\n\
-         blockwarden_pool_free_bytes{{{node_label}}} {free}\n",
-        now_ms().saturating_sub(node.started_at_ms) as f64 / 1000.0
+         blockwarden_pool_free_bytes{{{l}}} {free}\n\
+         # HELP blockwarden_lease_valid 1 while this node may acknowledge I/O (its lease is renewed).\n# TYPE blockwarden_lease_valid gauge\n\
+         blockwarden_lease_valid{{{l}}} {}\n\
+         # HELP blockwarden_lease_remaining_seconds Time until this node self-fences without a renewal.\n# TYPE blockwarden_lease_remaining_seconds gauge\n\
+         blockwarden_lease_remaining_seconds{{{l}}} {}\n\
+         # HELP blockwarden_lease_ttl_seconds TTL of this node's session lease.\n# TYPE blockwarden_lease_ttl_seconds gauge\n\
+         blockwarden_lease_ttl_seconds{{{l}}} {}\n",
+        now_ms().saturating_sub(node.started_at_ms) as f64 / 1000.0,
+        u8::from(session.is_valid()),
+        session.remaining().as_secs_f64(),
+        session.ttl().as_secs_f64(),
     );
     node.nbd_stats.render_prometheus(&mut out);
-    let served: Vec<_> = node.served.lock().unwrap().values().cloned().collect();
+    node.peer_stats.render_prometheus(&mut out);
     out.push_str(
-        "# HELP blockwarden_volume_size_bytes Provisioned size of the volume.\n# TYPE blockwarden_volume_size_bytes gauge\n\
-         # HELP blockwarden_volume_connections Open NBD connections to the volume.\n# TYPE blockwarden_volume_connections gauge\n\
-         # HELP blockwarden_volume_faulted 1 if the volume is faulted (fail-stop after an I/O error).\n# TYPE blockwarden_volume_faulted gauge\n\
-         # HELP blockwarden_volume_syncs_total fdatasync calls made for the volume.\n# TYPE blockwarden_volume_syncs_total counter\n",
+        "# HELP blockwarden_replica_size_bytes Size of a replica held on this node.\n# TYPE blockwarden_replica_size_bytes gauge\n\
+         # HELP blockwarden_replica_faulted 1 if the replica is faulted (fail-stop after an I/O error).\n# TYPE blockwarden_replica_faulted gauge\n\
+         # HELP blockwarden_replica_generation Highest generation the replica has admitted.\n# TYPE blockwarden_replica_generation gauge\n\
+         # HELP blockwarden_replica_syncs_total fdatasync calls made for the replica.\n# TYPE blockwarden_replica_syncs_total counter\n\
+         # HELP blockwarden_volume_connections Open NBD connections to a volume attached here.\n# TYPE blockwarden_volume_connections gauge\n",
     );
-    for s in &served {
-        let l = format!("volume=\"{}\"", s.name);
-        let st = s.device.stats();
-        let _ = writeln!(
-            out,
-            "blockwarden_volume_size_bytes{{{l}}} {}",
-            bw_types::BlockDevice::size_bytes(&*s.device)
-        );
-        let _ = writeln!(
-            out,
-            "blockwarden_volume_connections{{{l}}} {}",
-            s.usage().connections
-        );
-        let _ = writeln!(
-            out,
-            "blockwarden_volume_faulted{{{l}}} {}",
-            u8::from(s.device.fault_reason().is_some())
-        );
-        let _ = writeln!(out, "blockwarden_volume_syncs_total{{{l}}} {}", st.syncs);
+    let replicas: Vec<_> = node.replicas.lock().unwrap().iter().map(|(id, r)| (id.clone(), r.clone())).collect();
+    for (id, r) in &replicas {
+        let l = format!("volume_id=\"{id}\"");
+        let _ = writeln!(out, "blockwarden_replica_size_bytes{{{l}}} {}", bw_types::BlockDevice::size_bytes(r.volume()));
+        let _ = writeln!(out, "blockwarden_replica_faulted{{{l}}} {}", u8::from(r.volume().fault_reason().is_some()));
+        let _ = writeln!(out, "blockwarden_replica_generation{{{l}}} {}", r.highest().0);
+        let _ = writeln!(out, "blockwarden_replica_syncs_total{{{l}}} {}", r.volume().stats().syncs);
+    }
+    let attachments: Vec<_> = node.attachments.lock().unwrap().values().cloned().collect();
+    for a in &attachments {
+        let _ = writeln!(out, "blockwarden_volume_connections{{volume=\"{}\"}} {}", a.name, a.usage().connections);
     }
     bw_types::metrics::render_headers(&mut out);
-    for s in &served {
-        s.metrics.render(s.name.as_str(), &mut out);
+    let metrics: Vec<_> = node.metrics.lock().unwrap().iter().map(|(n, m)| (n.clone(), m.clone())).collect();
+    for (name, m) in &metrics {
+        m.render(name.as_str(), &mut out);
     }
     out
 }
