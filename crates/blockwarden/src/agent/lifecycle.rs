@@ -110,7 +110,14 @@ impl<C: ClusterStore> Node<C> {
             spread: req.spread.clone(),
             pinned: req.nodes.iter().map(|n| n.to_string()).collect(),
         };
-        let names = place(&candidates, &policy).map_err(|e| ApiError::new(ErrorCode::NoSpace, e.to_string()))?;
+        let names = match place(&candidates, &policy) {
+            Ok(n) => n,
+            Err(e) => {
+                let msg = format!("volume {}: {e}", req.name);
+                self.event(Level::Warning, "volume.placement_failed", Some(&req.name), msg).await;
+                return Err(ApiError::new(ErrorCode::NoSpace, e.to_string()));
+            }
+        };
         let by_name = |n: &String| nodes.values().find(|r| r.name.as_str() == n).map(|r| (r.id.clone(), r.name.clone()));
         Ok(names.iter().map(|n| by_name(n).unwrap_or_else(|| (self.me.id.clone(), self.me.name.clone()))).collect())
     }
@@ -179,7 +186,8 @@ impl<C: ClusterStore> Node<C> {
         let options = VolumeOptions { on_error: Some(on_error), ..VolumeOptions::default() };
         let volume = LocalVolume::open(&path, rec.size_bytes, options)
             .map_err(|e| ApiError::internal(format!("cannot open volume {}: {}", rec.name, error_chain(&e))))?;
-        let replica = Replica::open(volume, &meta, ReplicaOptions::default())
+        let options = ReplicaOptions { on_advance: Some(self.advance_callback(rec.name.clone())) };
+        let replica = Replica::open(volume, &meta, options)
             .map_err(|e| ApiError::internal(format!("cannot open replica of {}: {}", rec.name, error_chain(&e))))?;
         let replica = Arc::new(replica);
         self.replicas.lock().unwrap().insert(rec.id.clone(), replica.clone());
@@ -325,6 +333,22 @@ impl<C: ClusterStore> Node<C> {
             Ok(Some((n, _))) => n.name.to_string(),
             _ => id.to_string(),
         }
+    }
+
+    /// A newer generation was admitted by a replica held here (another node attached the
+    /// volume): an older attachment on this node is void — its I/O already fails at the
+    /// fence; this closes its connections, releases it and says so.
+    fn advance_callback(self: &Arc<Self>, name: Name) -> store::AdvanceCallback {
+        let node = Arc::downgrade(self);
+        Arc::new(move |_previous: Generation, new: Generation| {
+            let Some(node) = node.upgrade() else { return };
+            if node.attachment(&name).is_some_and(|a| a.generation < new) {
+                let msg = format!("volume {name}: generation {new} was admitted by the replica on node {}; the older attachment here is fenced", node.me.name);
+                node.event_later(Level::Warning, "volume.fenced", Some(name.clone()), msg);
+                let (n, name) = (node.clone(), name.clone());
+                node.runtime.spawn(async move { n.force_detach(&name, "fenced by a newer generation").await });
+            }
+        })
     }
 
     /// Turns the store's error reports into events (I/O thread → runtime task).
