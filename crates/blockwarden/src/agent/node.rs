@@ -174,7 +174,7 @@ pub fn check_size(size: u64) -> Result<(), ApiError> {
     if size == 0 {
         return Err(ApiError::new(ErrorCode::InvalidSize, "size must be greater than 0"));
     }
-    if size % SIZE_ALIGN_BYTES != 0 {
+    if !size.is_multiple_of(SIZE_ALIGN_BYTES) {
         return Err(ApiError::new(ErrorCode::InvalidSize, format!("size {size} is not a multiple of {SIZE_ALIGN_BYTES} bytes")));
     }
     if size > store::MAX_VOLUME_BYTES {

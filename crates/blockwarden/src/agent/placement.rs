@@ -67,10 +67,9 @@ pub fn place(candidates: &[Candidate], policy: &Policy) -> Result<Vec<String>, P
             Some("down".to_owned())
         } else if c.free_bytes < policy.size_bytes {
             Some(format!("only {} free, the volume needs {}", format_size(c.free_bytes), format_size(policy.size_bytes)))
-        } else if let Some(label) = policy.spread.as_ref().filter(|l| !c.labels.contains_key(*l)) {
-            Some(format!("no label {label} (needed by --spread {label})"))
         } else {
-            None
+            let missing = policy.spread.as_ref().filter(|l| !c.labels.contains_key(*l));
+            missing.map(|label| format!("no label {label} (needed by --spread {label})"))
         };
         match why {
             Some(w) => excluded.push((c.name.clone(), w)),
