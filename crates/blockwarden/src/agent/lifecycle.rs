@@ -91,6 +91,12 @@ impl<C: ClusterStore> Node<C> {
     async fn place(&self, req: &api::CreateVolume, replicas: u32) -> Result<Vec<(bw_types::NodeId, Name)>, ApiError> {
         let nodes = self.node_records().await?;
         let alive = self.catalog.list_alive().await.map_err(catalog_error)?;
+        let mut committed: std::collections::BTreeMap<bw_types::NodeId, u64> = Default::default();
+        for (v, _) in self.catalog.list_volumes().await.map_err(catalog_error)? {
+            for r in &v.replicas_placed {
+                *committed.entry(r.node_id.clone()).or_default() += v.size_bytes;
+            }
+        }
         let mut candidates: Vec<Candidate> = nodes
             .values()
             .map(|n| Candidate {
@@ -98,11 +104,13 @@ impl<C: ClusterStore> Node<C> {
                 alive: alive.iter().any(|(id, _)| *id == n.id),
                 labels: n.labels.clone(),
                 free_bytes: n.free_bytes,
+                committed_bytes: committed.get(&n.id).copied().unwrap_or(0),
             })
             .collect();
         if !self.cluster && candidates.is_empty() {
             let me = self.own_record();
-            candidates.push(Candidate { name: me.name.to_string(), alive: true, labels: me.labels, free_bytes: me.free_bytes });
+            let committed_bytes = committed.get(&me.id).copied().unwrap_or(0);
+            candidates.push(Candidate { name: me.name.to_string(), alive: true, labels: me.labels, free_bytes: me.free_bytes, committed_bytes });
         }
         let policy = Policy {
             replicas,

@@ -4,7 +4,9 @@
 //! are given; nodes with room for the volume's size (thin provisioning counts the full size
 //! against free space, so a pool is never promised more than it has); distinct nodes;
 //! distinct values of the spread label (`--spread room`), nodes without the label excluded;
-//! most free space first. When the policy cannot be met the error names every node and why
+//! most free space first, where a node's free space is counted after the full provisioned
+//! size of the replicas already placed on it (volumes are sparse, so the file system's free
+//! space alone would rank every node of a fresh cluster equal and fill one node first). When the policy cannot be met the error names every node and why
 //! it was not chosen, so the operator can fix the cluster or the request.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,7 +19,16 @@ pub struct Candidate {
     pub name: String,
     pub alive: bool,
     pub labels: BTreeMap<String, String>,
+    /// Free bytes of the node's pool file system.
     pub free_bytes: u64,
+    /// Provisioned bytes of the replicas already placed on the node.
+    pub committed_bytes: u64,
+}
+
+impl Candidate {
+    fn headroom(&self) -> u64 {
+        self.free_bytes.saturating_sub(self.committed_bytes)
+    }
 }
 
 /// What the volume asks for.
@@ -80,7 +91,7 @@ pub fn place(candidates: &[Candidate], policy: &Policy) -> Result<Vec<String>, P
     eligible.sort_by(|a, b| {
         let pa = policy.pinned.iter().position(|p| *p == a.name).unwrap_or(usize::MAX);
         let pb = policy.pinned.iter().position(|p| *p == b.name).unwrap_or(usize::MAX);
-        pa.cmp(&pb).then(b.free_bytes.cmp(&a.free_bytes)).then(a.name.cmp(&b.name))
+        pa.cmp(&pb).then(b.headroom().cmp(&a.headroom())).then(a.name.cmp(&b.name))
     });
     let mut chosen = Vec::new();
     let mut used_values = BTreeSet::new();
@@ -113,7 +124,7 @@ mod tests {
         if let Some(r) = room {
             labels.insert("room".to_owned(), r.to_owned());
         }
-        Candidate { name: name.into(), alive, labels, free_bytes: free_gib << 30 }
+        Candidate { name: name.into(), alive, labels, free_bytes: free_gib << 30, committed_bytes: 0 }
     }
 
     fn policy(replicas: u32, spread: Option<&str>, pinned: &[&str]) -> Policy {
@@ -129,6 +140,18 @@ mod tests {
         assert_eq!(place(&nodes, &policy(2, Some("room"), &[])).unwrap(), ["n2", "n3"]);
         assert_eq!(place(&nodes, &policy(1, None, &["n1"])).unwrap(), ["n1"]);
         assert_eq!(place(&nodes, &policy(2, None, &["n3", "n1"])).unwrap(), ["n3", "n1"]);
+    }
+
+    // Goal: thin provisioning spreads a fresh cluster: equal free space, so the node with
+    // less already placed on it wins.
+    #[test]
+    fn provisioned_bytes_break_free_space_ties() {
+        let mut nodes = [node("n1", 50, None, true), node("n2", 50, None, true), node("n3", 50, None, true)];
+        nodes[0].committed_bytes = 2 << 30;
+        nodes[1].committed_bytes = 1 << 30;
+        assert_eq!(place(&nodes, &policy(1, None, &[])).unwrap(), ["n3"]);
+        nodes[2].committed_bytes = 3 << 30;
+        assert_eq!(place(&nodes, &policy(2, None, &[])).unwrap(), ["n2", "n1"]);
     }
 
     // Goal: an impossible policy names every node and the reason it was left out.
