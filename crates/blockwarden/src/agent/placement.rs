@@ -25,9 +25,15 @@ pub struct Candidate {
     pub committed_bytes: u64,
 }
 
+/// Free space is compared in whole units of this size: nodes report it every few seconds
+/// while other writers change it by megabytes, so finer differences are noise that would
+/// otherwise outweigh the provisioned sizes of small volumes.
+pub const FREE_SPACE_QUANTUM_BYTES: u64 = 1 << 30;
+
 impl Candidate {
     fn headroom(&self) -> u64 {
-        self.free_bytes.saturating_sub(self.committed_bytes)
+        let free = self.free_bytes / FREE_SPACE_QUANTUM_BYTES * FREE_SPACE_QUANTUM_BYTES;
+        free.saturating_sub(self.committed_bytes)
     }
 }
 
@@ -147,6 +153,10 @@ mod tests {
     #[test]
     fn provisioned_bytes_break_free_space_ties() {
         let mut nodes = [node("n1", 50, None, true), node("n2", 50, None, true), node("n3", 50, None, true)];
+        // A few MiB of difference in reported free space is noise, not a reason to prefer n3.
+        nodes[2].free_bytes += 5 << 20;
+        nodes[0].committed_bytes = 16 << 20;
+        assert_eq!(place(&nodes, &policy(1, None, &[])).unwrap(), ["n2"]);
         nodes[0].committed_bytes = 2 << 30;
         nodes[1].committed_bytes = 1 << 30;
         assert_eq!(place(&nodes, &policy(1, None, &[])).unwrap(), ["n3"]);
