@@ -4,6 +4,7 @@
 
 use std::io::{self, IoSlice};
 
+use bw_types::bufpool;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
@@ -74,7 +75,10 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
             }
         }
         write_batch(&mut w, &batch).await?;
-        batch.clear();
+        // Large READ buffers go back to the pool the store takes them from.
+        for o in batch.drain(..) {
+            bufpool::give(o.data);
+        }
     }
     w.shutdown().await
 }

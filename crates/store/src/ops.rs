@@ -11,7 +11,7 @@
 use std::io;
 use std::sync::Arc;
 
-use bw_types::{Extent, IoDone, IoError, IoKind, IoReply, IoRequest};
+use bw_types::{bufpool, Extent, IoDone, IoError, IoKind, IoReply, IoRequest};
 
 use crate::volume::{bump, Inner, VolumeErrorEvent, MAX_BLOCK_STATUS_EXTENTS};
 
@@ -29,7 +29,7 @@ impl Inner {
         let kind = req.kind();
         let (result, fua) = match req {
             IoRequest::Read { offset, len } => {
-                let mut buf = vec![0u8; len as usize];
+                let mut buf = bufpool::take_filled(len as usize);
                 return done(
                     self.read_blocking(offset, &mut buf)
                         .map(|()| IoReply::Data(buf)),
@@ -44,11 +44,7 @@ impl Inner {
             IoRequest::Flush => return self.wait_for_sync(done, on_worker),
             IoRequest::Write { offset, data, fua } => {
                 bump(&self.counters.writes_queued);
-                let r = self.backend.write_at(&data, offset);
-                (
-                    r.map_err(|e| self.mutation_failed(kind, offset, data.len() as u64, e, true)),
-                    fua,
-                )
+                (self.write_blocking(offset, data), fua)
             }
             IoRequest::Trim { offset, len, fua } => {
                 let r = self.backend.punch_hole(offset, len);
@@ -75,6 +71,15 @@ impl Inner {
             Ok(()) => self.complete_mutation(fua, done, on_worker),
             Err(e) => done(Err(e)),
         }
+    }
+
+    /// Writes `data` at `offset` with a blocking `pwrite` (fail-stop on error, `NoSpace` for
+    /// ENOSPC/EDQUOT), then gives the buffer back to [`bufpool`].
+    pub(crate) fn write_blocking(&self, offset: u64, data: Vec<u8>) -> Result<(), IoError> {
+        let result = self.backend.write_at(&data, offset);
+        let len = data.len() as u64;
+        bufpool::give(data);
+        result.map_err(|e| self.mutation_failed(IoKind::Write, offset, len, e, true))
     }
 
     pub(crate) fn read_blocking(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {

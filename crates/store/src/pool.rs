@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -50,6 +51,8 @@ pub(crate) struct WorkQueue<J> {
     state: Mutex<QueueState<J>>,
     wake: Condvar,
     max_workers: usize,
+    /// `jobs.len()`, mirrored for a lock-free look ([`WorkQueue::queued`]).
+    queued: AtomicUsize,
 }
 
 impl<J> WorkQueue<J> {
@@ -65,6 +68,7 @@ impl<J> WorkQueue<J> {
             }),
             wake: Condvar::new(),
             max_workers: max_workers.max(1),
+            queued: AtomicUsize::new(0),
         }
     }
 
@@ -83,6 +87,7 @@ impl<J> WorkQueue<J> {
             return Push::RunHere(job);
         }
         s.jobs.push_back(job);
+        self.queued.store(s.jobs.len(), Ordering::Relaxed);
         if s.idle > s.notified {
             s.notified += 1;
             self.wake.notify_one();
@@ -94,7 +99,11 @@ impl<J> WorkQueue<J> {
                     s.handles.push(handle);
                 }
                 // No thread and nobody else to run it: hand the job back.
-                Err(_) if s.alive == 0 => return Push::RunHere(s.jobs.pop_back().unwrap()),
+                Err(_) if s.alive == 0 => {
+                    let job = s.jobs.pop_back().unwrap();
+                    self.queued.store(s.jobs.len(), Ordering::Relaxed);
+                    return Push::RunHere(job);
+                }
                 Err(_) => {}
             }
         }
@@ -106,6 +115,7 @@ impl<J> WorkQueue<J> {
         let mut s = self.state.lock().unwrap();
         loop {
             if let Some(job) = s.jobs.pop_front() {
+                self.queued.store(s.jobs.len(), Ordering::Relaxed);
                 return Some(job);
             }
             if s.closed {
@@ -131,6 +141,11 @@ impl<J> WorkQueue<J> {
         s.closed = true;
         self.wake.notify_all();
         std::mem::take(&mut s.handles)
+    }
+
+    /// Jobs waiting for a worker (a racy snapshot, for heuristics).
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Worker threads currently alive (for tests and stats).

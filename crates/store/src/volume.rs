@@ -3,10 +3,34 @@
 //!
 //! Request path: `submit` checks fail-stop state and range, then
 //! - reads try `preadv2(RWF_NOWAIT)` inline (page-cache hit: no thread hop at all);
-//! - writes try `pwritev2(RWF_NOWAIT)` inline where the file system supports it;
+//! - writes try `pwritev2(RWF_NOWAIT)` inline where the file system supports it; where it
+//!   does not (ext4), writes up to [`INLINE_WRITE_MAX_BYTES`] are written inline with a
+//!   plain blocking `pwrite` on the caller's thread (see "Inline blocking writes" below);
 //! - everything else, and every fast-path miss, goes to a small pool of blocking I/O
 //!   threads ([`crate::pool`]); flushes and FUA go through the sync coalescer
-//!   ([`crate::flush`]).
+//!   ([`crate::flush`]), whose `fdatasync` always runs on an I/O thread.
+//!
+//! **Inline blocking writes.** Handing a 4 KiB write to an I/O thread costs more than the
+//! write (two thread hand-offs, futex wake-ups, and I/O threads contending for the inode
+//! lock: 24-30 % of the agent's samples in the benchmark profiles), so small buffered writes
+//! run on the submitter's thread, which in the agent is a tokio worker running the NBD
+//! connection's reader task. Trade-off: a buffered `pwrite` normally copies into the page
+//! cache in microseconds, but it can block for milliseconds (dirty-page throttling in
+//! `balance_dirty_pages`, waiting for the inode lock held by a throttled writer, reading a
+//! partial block from disk), and while it does that runtime worker serves nobody else.
+//! Bounds: only writes up to [`INLINE_WRITE_MAX_BYTES`] (the copy itself is short; larger
+//! writes gain from overlapping the network receive with the copy on an I/O thread); only
+//! one inline write per volume at a time (a second one would only wait for the inode lock,
+//! which ext4 holds across a buffered write, on another runtime worker: it is queued
+//! instead, so at most one runtime worker per volume is ever inside `pwrite`); not
+//! while [`INLINE_MAX_QUEUED_JOBS`] or more jobs wait for the I/O threads (they are behind,
+//! so the device or the throttle is slow); and an inline write that took longer than
+//! [`INLINE_WRITE_SLOW`] sends every write of the volume to the I/O threads for
+//! [`INLINE_PAUSE_MIN`], doubling up to [`INLINE_PAUSE_MAX`] while the probes stay slow.
+//! So a worker is blocked by at most one slow write per volume per pause. Inline writes
+//! complete before `submit` returns, which keeps the flush-coverage rule of
+//! [`crate::flush`] as it is (a flush submitted after a write's completion ran registers
+//! after its `pwrite` returned).
 //!
 //! Thread-safety: `LocalVolume` is a handle to an `Arc<Inner>` shared with the workers.
 //! Every field of `Inner` is immutable, atomic, or behind its own mutex, and no code path
@@ -17,8 +41,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use bw_types::{BlockDevice, IoDone, IoError, IoKind, IoReply, IoRequest};
+use bw_types::{bufpool, BlockDevice, IoDone, IoError, IoKind, IoReply, IoRequest};
 
 use crate::backend::{Backend, FastPath, FileBackend};
 use crate::error::{ResizeError, VolumeFileError};
@@ -34,6 +59,30 @@ use crate::pool::{Push, WorkQueue};
 /// and exit when idle.
 pub const DEFAULT_IO_WORKERS: usize = 4;
 
+/// Largest write done inline on the submitter's thread when the file system has no
+/// non-blocking buffered write (ext4); larger ones go to the I/O threads. Measured with
+/// `bench/nbd-bench.sh` on the 2-core reference machine (BENCHMARKS.md, 2026-11-21 "write
+/// path"): 1 MiB sequential writes at QD8 ran 1.5× the better NBD peer inline against 0.9×
+/// with 128 KiB (every 1 MiB write on an I/O thread), at lower server CPU per MiB. Hit →
+/// the write takes an I/O thread, as every write did before.
+pub const INLINE_WRITE_MAX_BYTES: usize = 1024 * 1024;
+
+/// Small writes queue for the I/O threads (instead of running inline) while at least this
+/// many jobs wait there: the threads are behind, so an inline write would likely block too.
+pub const INLINE_MAX_QUEUED_JOBS: usize = 16;
+
+/// An inline write taking longer than this (wall time) pauses inline writes of its volume.
+/// A page-cache copy of 1 MiB takes a few hundred microseconds; dirty-page throttling pauses
+/// are 4-200 ms. 5 ms stays clear of scheduler noise on a busy host.
+pub const INLINE_WRITE_SLOW: Duration = Duration::from_millis(5);
+
+/// First pause of inline writes after a slow one; every write of the volume takes an I/O
+/// thread meanwhile. Each consecutive slow probe doubles it, up to [`INLINE_PAUSE_MAX`]; a
+/// fast inline write resets it.
+pub const INLINE_PAUSE_MIN: Duration = Duration::from_millis(100);
+/// Longest pause of inline writes.
+pub const INLINE_PAUSE_MAX: Duration = Duration::from_secs(2);
+
 /// Largest read accepted (32 MiB, the NBD maximum payload); larger ones are refused with
 /// `IoError::Invalid` rather than allocating an unbounded buffer.
 pub const MAX_READ_BYTES: u32 = 32 << 20;
@@ -47,7 +96,8 @@ pub const MAX_BLOCK_STATUS_EXTENTS: usize = 1024;
 pub const MAX_VOLUME_BYTES: u64 = i64::MAX as u64;
 
 /// Called on faults and space exhaustion, so the agent can emit events and alerts. It runs
-/// on an I/O thread with no lock held: keep it short.
+/// on an I/O thread, or on the submitter's thread for an inline write, with no lock held:
+/// keep it short.
 pub type ErrorCallback = Arc<dyn Fn(VolumeErrorEvent) + Send + Sync>;
 
 /// An error worth telling the operator about.
@@ -73,6 +123,9 @@ pub struct VolumeOptions {
     pub io_workers: usize,
     /// Receives [`VolumeErrorEvent`]s; `None` drops them.
     pub on_error: Option<ErrorCallback>,
+    /// Largest blocking write done inline ([`INLINE_WRITE_MAX_BYTES`]); 0 queues every
+    /// write that the non-blocking fast path cannot do.
+    pub inline_write_max: usize,
 }
 
 impl Default for VolumeOptions {
@@ -80,6 +133,7 @@ impl Default for VolumeOptions {
         VolumeOptions {
             io_workers: DEFAULT_IO_WORKERS,
             on_error: None,
+            inline_write_max: INLINE_WRITE_MAX_BYTES,
         }
     }
 }
@@ -89,6 +143,7 @@ impl std::fmt::Debug for VolumeOptions {
         f.debug_struct("VolumeOptions")
             .field("io_workers", &self.io_workers)
             .field("on_error", &self.on_error.is_some())
+            .field("inline_write_max", &self.inline_write_max)
             .finish()
     }
 }
@@ -98,8 +153,12 @@ impl std::fmt::Debug for VolumeOptions {
 pub struct VolumeStats {
     pub reads_inline: u64,
     pub reads_queued: u64,
+    /// Writes done on the submitter's thread (non-blocking fast path, or a small blocking
+    /// write, see [`INLINE_WRITE_MAX_BYTES`]).
     pub writes_inline: u64,
     pub writes_queued: u64,
+    /// Slow inline writes that paused inline writing ([`INLINE_WRITE_SLOW`]).
+    pub inline_write_pauses: u64,
     /// Jobs the submitter ran itself because the queue was full.
     pub ran_by_submitter: u64,
     /// `fdatasync` calls started (each may serve many flushes and FUA writes).
@@ -115,6 +174,66 @@ pub(crate) struct Counters {
     pub(crate) writes_inline: AtomicU64,
     pub(crate) writes_queued: AtomicU64,
     pub(crate) ran_by_submitter: AtomicU64,
+    pub(crate) inline_write_pauses: AtomicU64,
+}
+
+/// Decides whether a small write may run inline: not during a pause that a slow inline
+/// write started (see the module docs).
+pub(crate) struct InlineGate {
+    epoch: Instant,
+    /// Nanoseconds after `epoch` before which writes go to the I/O threads.
+    paused_until: AtomicU64,
+    /// Length of the current pause in nanoseconds; 0 once an inline write was fast again.
+    pause: AtomicU64,
+    /// An inline write of this volume is running: the next one goes to the I/O threads
+    /// rather than wait for the inode lock on a second runtime worker.
+    busy: AtomicBool,
+}
+
+impl InlineGate {
+    fn new() -> InlineGate {
+        InlineGate {
+            epoch: Instant::now(),
+            paused_until: AtomicU64::new(0),
+            pause: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
+        }
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// `Some(now)` if an inline write may start now (not paused, no other inline write
+    /// running); the caller then owns `busy` and must clear it.
+    fn open(&self) -> Option<Instant> {
+        let now = Instant::now();
+        if self.nanos(now) < self.paused_until.load(Ordering::Relaxed)
+            || self.busy.swap(true, Ordering::Acquire)
+        {
+            return None;
+        }
+        Some(now)
+    }
+
+    /// Records an inline write that started at `start`; true if it was slow and started a
+    /// pause.
+    fn record(&self, start: Instant) -> bool {
+        let now = Instant::now();
+        if now.saturating_duration_since(start) <= INLINE_WRITE_SLOW {
+            if self.pause.load(Ordering::Relaxed) != 0 {
+                self.pause.store(0, Ordering::Relaxed);
+            }
+            return false;
+        }
+        let min = INLINE_PAUSE_MIN.as_nanos() as u64;
+        let max = INLINE_PAUSE_MAX.as_nanos() as u64;
+        let pause = (self.pause.load(Ordering::Relaxed) * 2).clamp(min, max);
+        self.pause.store(pause, Ordering::Relaxed);
+        self.paused_until
+            .store(self.nanos(now) + pause, Ordering::Relaxed);
+        true
+    }
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -149,6 +268,9 @@ pub(crate) struct Inner {
     pub(crate) closed: AtomicBool,
     pub(crate) on_error: Option<ErrorCallback>,
     pub(crate) counters: Counters,
+    pub(crate) inline: InlineGate,
+    /// [`INLINE_WRITE_MAX_BYTES`] (0 in tests that want every write queued).
+    pub(crate) inline_write_max: usize,
 }
 
 /// One replica of a volume on local storage. Dropping it (or [`LocalVolume::close`]) stops
@@ -195,6 +317,8 @@ impl LocalVolume {
             closed: AtomicBool::new(false),
             on_error: options.on_error,
             counters: Counters::default(),
+            inline: InlineGate::new(),
+            inline_write_max: options.inline_write_max,
         };
         LocalVolume {
             inner: Arc::new(inner),
@@ -237,6 +361,7 @@ impl LocalVolume {
             writes_inline: get(&c.writes_inline),
             writes_queued: get(&c.writes_queued),
             ran_by_submitter: get(&c.ran_by_submitter),
+            inline_write_pauses: get(&c.inline_write_pauses),
             syncs: self.inner.syncs.started(),
             workers: self.inner.queue.workers(),
         }
@@ -283,7 +408,8 @@ impl Inner {
         }
         match req {
             IoRequest::Read { offset, len } => {
-                let mut buf = vec![0u8; len as usize];
+                // Every byte is overwritten by the read (or the buffer is dropped).
+                let mut buf = bufpool::take_filled(len as usize);
                 if let Ok(FastPath::Done) = self.backend.try_read_nowait(&mut buf, offset) {
                     bump(&self.counters.reads_inline);
                     return done(Ok(IoReply::Data(buf)));
@@ -292,9 +418,33 @@ impl Inner {
             }
             IoRequest::Write { offset, data, fua } => {
                 // An error here is retried by the blocking path, which reports it properly.
-                if let Ok(FastPath::Done) = self.backend.try_write_nowait(&data, offset) {
-                    bump(&self.counters.writes_inline);
-                    return self.complete_mutation(fua, done, false);
+                match self.backend.try_write_nowait(&data, offset) {
+                    Ok(FastPath::Done) => {
+                        bump(&self.counters.writes_inline);
+                        bufpool::give(data);
+                        return self.complete_mutation(fua, done, false);
+                    }
+                    // No non-blocking write at all (ext4): a small one is written inline.
+                    Ok(FastPath::Unsupported)
+                        if data.len() <= self.inline_write_max
+                            && self.queue.queued() < INLINE_MAX_QUEUED_JOBS =>
+                    {
+                        if let Some(start) = self.inline.open() {
+                            bump(&self.counters.writes_inline);
+                            let result = self.write_blocking(offset, data);
+                            let slow = self.inline.record(start);
+                            self.inline.busy.store(false, Ordering::Release);
+                            if slow {
+                                bump(&self.counters.inline_write_pauses);
+                            }
+                            return match result {
+                                Ok(()) => self.complete_mutation(fua, done, false),
+                                Err(e) => done(Err(e)),
+                            };
+                        }
+                    }
+                    // WouldBlock (e.g. XFS needs to allocate or read): an I/O thread.
+                    _ => {}
                 }
                 self.enqueue(Job::Request {
                     req: IoRequest::Write { offset, data, fua },

@@ -78,7 +78,12 @@ fn admit_waits_for_older_requests_in_flight() {
         released: Condvar::new(),
         entered: Mutex::new(Some(entered_tx)),
     });
-    let vol = LocalVolume::with_backend(backend.clone(), 1 << 20, Default::default());
+    // The held write must run on an I/O thread: inline, it would block this test thread.
+    let options = store::VolumeOptions {
+        inline_write_max: 0,
+        ..Default::default()
+    };
+    let vol = LocalVolume::with_backend(backend.clone(), 1 << 20, options);
     let r = Arc::new(Replica::open(vol, &meta, ReplicaOptions::default()).unwrap());
     let old = r.device_for(Generation(5)).unwrap();
     let (done_tx, done_rx) = mpsc::channel();
