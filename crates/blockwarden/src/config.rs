@@ -172,9 +172,16 @@ impl AgentConfig {
             other => bail!("invalid log level {other:?}: use error, warn, info or debug"),
         };
         let nbd_socket = file.nbd_socket.unwrap_or_else(|| data_dir.join("nbd.sock"));
-        let ttl_text = flags.lease_ttl.clone().or(file.lease_ttl).unwrap_or_else(|| "8s".into());
-        let lease_ttl = parse_duration(&ttl_text).with_context(|| format!("invalid lease TTL {ttl_text:?}"))?;
-        if lease_ttl < std::time::Duration::from_secs(3) || lease_ttl > std::time::Duration::from_secs(600) {
+        let ttl_text = flags
+            .lease_ttl
+            .clone()
+            .or(file.lease_ttl)
+            .unwrap_or_else(|| "8s".into());
+        let lease_ttl =
+            parse_duration(&ttl_text).with_context(|| format!("invalid lease TTL {ttl_text:?}"))?;
+        if lease_ttl < std::time::Duration::from_secs(3)
+            || lease_ttl > std::time::Duration::from_secs(600)
+        {
             bail!("lease TTL {ttl_text} is out of range: use 3s to 600s (8s is the default; below 5s elections cause spurious failovers)");
         }
         Ok(AgentConfig {
@@ -208,7 +215,9 @@ fn load_file(path: &Path) -> Result<FileConfig> {
 pub fn parse_duration(s: &str) -> Result<std::time::Duration> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("expected a number with s, ms or m"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("expected a number with s, ms or m"))?;
     Ok(match unit {
         "" | "s" => std::time::Duration::from_secs(n),
         "ms" => std::time::Duration::from_millis(n),

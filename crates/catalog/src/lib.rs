@@ -39,6 +39,6 @@ pub use lease::{
     WatchEvent, DEFAULT_LEASE_TTL,
 };
 pub use records::{
-    now_ms, Attachment, EventRecord, Level, Mode, NewEvent, NodeRecord, ReplicaRecord, ReplicaReport,
-    ReplicaState, VolumeRecord, VolumeState,
+    now_ms, Attachment, EventRecord, Level, Mode, NewEvent, NodeRecord, ReplicaRecord,
+    ReplicaReport, ReplicaState, VolumeRecord, VolumeState,
 };

@@ -384,7 +384,11 @@ fn b64(data: &[u8]) -> String {
 /// The owner key of `volume`: (lease id) if present.
 fn owner_lease(etcd: &mut Http, volume: &str) -> std::io::Result<Option<String>> {
     let key = b64(format!("/blockwarden/owners/{volume}").as_bytes());
-    let r = etcd.call("POST", "/v3/kv/range", Some(&json!({ "key": key }).to_string()))?;
+    let r = etcd.call(
+        "POST",
+        "/v3/kv/range",
+        Some(&json!({ "key": key }).to_string()),
+    )?;
     let v = r.json();
     Ok(v["kvs"]
         .as_array()
@@ -461,7 +465,12 @@ fn etcd_health(members: &[SocketAddr]) -> EtcdHealth {
         let mut fast = 0.0;
         let mut count = 0.0;
         for l in r.body.lines() {
-            let v = || -> f64 { l.rsplit(' ').next().and_then(|x| x.parse().ok()).unwrap_or(0.0) };
+            let v = || -> f64 {
+                l.rsplit(' ')
+                    .next()
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(0.0)
+            };
             if l.starts_with("etcd_server_leader_changes_seen_total ") {
                 h.leader_changes = h.leader_changes.max(v());
             } else if l.starts_with("etcd_disk_wal_fsync_duration_seconds_count ") {
@@ -485,7 +494,11 @@ fn health_delta(a: EtcdHealth, b: EtcdHealth) -> String {
     format!(
         "{:.0}\t{:.2}\t{:.0}\t{:.0}",
         b.leader_changes - a.leader_changes,
-        if n > 0.0 { (b.fsync_s - a.fsync_s) * 1000.0 / n } else { 0.0 },
+        if n > 0.0 {
+            (b.fsync_s - a.fsync_s) * 1000.0 / n
+        } else {
+            0.0
+        },
         b.slow_fsyncs - a.slow_fsyncs,
         b.hb_failures - a.hb_failures
     )
@@ -525,7 +538,8 @@ fn fsync_latency(dir: &Path, n: usize) -> Vec<f64> {
             break;
         }
         let t = Instant::now();
-        f.write_all_at(&buf, (i as u64 % 16) * 4096).expect("write probe");
+        f.write_all_at(&buf, (i as u64 % 16) * 4096)
+            .expect("write probe");
         f.sync_data().expect("fdatasync probe");
         v.push(t.elapsed().as_secs_f64() * 1e6);
     }
@@ -667,7 +681,11 @@ fn cp_run(
                     Some(json!({"name": name, "size": "16M"}).to_string()),
                     "POST",
                 ),
-                "attach" => (format!("/v1/volumes/{name}/attach"), Some("{}".to_owned()), "POST"),
+                "attach" => (
+                    format!("/v1/volumes/{name}/attach"),
+                    Some("{}".to_owned()),
+                    "POST",
+                ),
                 "detach" => (format!("/v1/volumes/{name}/detach"), None, "POST"),
                 _ => (format!("/v1/volumes/{name}"), None, "DELETE"),
             };
@@ -688,7 +706,11 @@ fn cp_run(
                 err: if r.ok() {
                     String::new()
                 } else {
-                    format!("{} {}", r.status, r.body.chars().take(200).collect::<String>())
+                    format!(
+                        "{} {}",
+                        r.status,
+                        r.body.chars().take(200).collect::<String>()
+                    )
                 },
             });
         }
@@ -786,7 +808,12 @@ fn cp_cli(
         "op\ti\tvia\tms\tok\terror",
         &samples
             .iter()
-            .map(|s| format!("{}\t{}\t{}\t{:.3}\t{}\t{}", s.op, s.i, s.via, s.ms, s.ok, s.err))
+            .map(|s| {
+                format!(
+                    "{}\t{}\t{}\t{:.3}\t{}\t{}",
+                    s.op, s.i, s.via, s.ms, s.ok, s.err
+                )
+            })
             .collect::<Vec<_>>(),
     );
     samples
@@ -814,7 +841,10 @@ fn cp_table(
             "(not a target)".to_owned()
         } else {
             let ok = p99 <= target_ms && fails == 0;
-            verdicts.push((format!("{label} {op} p99 {p99:.1} ms <= {target_ms} ms"), ok));
+            verdicts.push((
+                format!("{label} {op} p99 {p99:.1} ms <= {target_ms} ms"),
+                ok,
+            ));
             format!("p99 <= {target_ms} ms: {}", pass(ok))
         };
         let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -843,7 +873,12 @@ fn cp_table(
                 if !v.is_empty() {
                     rep.line(format!(
                         "{:<8}   {:<22} {:>5} {:>8.2} {:>8.2} {:>8.2}",
-                        "", what, v.len(), pct(&v, 50.0), pct(&v, 99.0), max(&v)
+                        "",
+                        what,
+                        v.len(),
+                        pct(&v, 50.0),
+                        pct(&v, 99.0),
+                        max(&v)
                     ));
                 }
             }
@@ -987,17 +1022,35 @@ fn fio(lab: &Lab, ns: &str, uri: &str, args: &str, cfg: &Cfg, timed: bool) -> Fi
 }
 
 /// Raw TCP throughput `from` → `to` (MiB/s): iperf3 if installed, else a plain TCP blast.
-fn tcp_throughput(lab: &Arc<Lab>, from: &str, to: &str, secs: u32, raw_dir: &Path, rep: usize) -> (f64, &'static str) {
+fn tcp_throughput(
+    lab: &Arc<Lab>,
+    from: &str,
+    to: &str,
+    secs: u32,
+    raw_dir: &Path,
+    rep: usize,
+) -> (f64, &'static str) {
     let dst = lab.addr(to);
     if have_tool("iperf3") {
         for attempt in 0..5 {
             let mut c = Command::new("iperf3");
-            c.args(["-c", &dst.to_string(), "-p", "5201", "-t", &secs.to_string(), "-J"]);
+            c.args([
+                "-c",
+                &dst.to_string(),
+                "-p",
+                "5201",
+                "-t",
+                &secs.to_string(),
+                "-J",
+            ]);
             let out = lab
                 .output_in(from, &mut c, Duration::from_secs(u64::from(secs) + 30))
                 .unwrap_or_else(|e| panic!("iperf3: {e}"));
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let _ = std::fs::write(raw_dir.join(format!("iperf3-rep{rep}-{attempt}.json")), &text);
+            let _ = std::fs::write(
+                raw_dir.join(format!("iperf3-rep{rep}-{attempt}.json")),
+                &text,
+            );
             let j: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             let bps = j["end"]["sum_received"]["bits_per_second"].as_f64();
             if let Some(bps) = bps.filter(|b| *b > 0.0) {
@@ -1009,7 +1062,9 @@ fn tcp_throughput(lab: &Arc<Lab>, from: &str, to: &str, secs: u32, raw_dir: &Pat
     }
     // Fallback: one TCP stream of 1 MiB writes for `secs`, counted by the receiver.
     let addr = SocketAddr::from((dst, 5202));
-    let listener = lab.in_netns(to, || TcpListener::bind(addr)).expect("bind blast");
+    let listener = lab
+        .in_netns(to, || TcpListener::bind(addr))
+        .expect("bind blast");
     let rx = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().expect("accept blast");
         let mut buf = vec![0u8; 1 << 20];
@@ -1068,12 +1123,26 @@ fn throughput(c: &Cluster, cfg: &Cfg, rep: &mut Report) {
     };
     for vol in ["tplocal", "tpremote"] {
         let t = Instant::now();
-        fio(&c.lab, "n1", &uri(vol), "--rw=write --bs=1M --iodepth=8 --end_fsync=1", cfg, false);
-        note!("prefilled {vol} ({}) in {:.1} s", cfg.tp_size, t.elapsed().as_secs_f64());
+        fio(
+            &c.lab,
+            "n1",
+            &uri(vol),
+            "--rw=write --bs=1M --iodepth=8 --end_fsync=1",
+            cfg,
+            false,
+        );
+        note!(
+            "prefilled {vol} ({}) in {:.1} s",
+            cfg.tp_size,
+            t.elapsed().as_secs_f64()
+        );
     }
     let jobs = [
         ("seqwrite_1M_qd8", "--rw=write --bs=1M --iodepth=8"),
-        ("randwrite_4k_qd32", "--rw=randwrite --bs=4k --iodepth=32 --randrepeat=0"),
+        (
+            "randwrite_4k_qd32",
+            "--rw=randwrite --bs=4k --iodepth=32 --randrepeat=0",
+        ),
     ];
     let mut rows = Vec::new();
     // (job, target) -> per-rep values; link per rep
@@ -1086,7 +1155,10 @@ fn throughput(c: &Cluster, cfg: &Cfg, rep: &mut Report) {
         let (mibs, t) = tcp_throughput(&c.lab, "n1", "n2", cfg.iperf_secs, &cfg.out, r);
         tool = t;
         link.push(mibs);
-        rows.push(format!("{r}\tlink_n1_to_n2\t{t}\t{mibs:.1}\tMiB/s\t\t\t\t{}", load1()));
+        rows.push(format!(
+            "{r}\tlink_n1_to_n2\t{t}\t{mibs:.1}\tMiB/s\t\t\t\t{}",
+            load1()
+        ));
         note!("rep {r}: raw TCP n1->n2 {mibs:.0} MiB/s ({t})");
         for (job, args) in jobs {
             for (target, vol) in [("local", "tplocal"), ("remote", "tpremote")] {
@@ -1115,7 +1187,11 @@ fn throughput(c: &Cluster, cfg: &Cfg, rep: &mut Report) {
                 // CPU of both agents per IO (includes the ramp; fio's total_ios excludes it,
                 // so this overstates by about ramp/runtime, equally for both targets)
                 let us_per_io = (c1 - c0) * 1000.0 / f.ios.max(1.0);
-                let unit = if job.starts_with("seq") { "MiB/s" } else { "IOPS" };
+                let unit = if job.starts_with("seq") {
+                    "MiB/s"
+                } else {
+                    "IOPS"
+                };
                 rows.push(format!(
                     "{r}\t{job}\t{target}\t{:.1}\t{unit}\t{:.0}\t{:.0}\t{:.1}\t{}\tbusy {busy:.0}%",
                     f.value,
@@ -1124,7 +1200,12 @@ fn throughput(c: &Cluster, cfg: &Cfg, rep: &mut Report) {
                     us_per_io,
                     load1()
                 ));
-                note!("rep {r}: {job} {target}: {:.1} {unit} (p50 {:.0} us, p99 {:.0} us)", f.value, f.p50_us, f.p99_us);
+                note!(
+                    "rep {r}: {job} {target}: {:.1} {unit} (p50 {:.0} us, p99 {:.0} us)",
+                    f.value,
+                    f.p50_us,
+                    f.p99_us
+                );
                 let k = (job.to_owned(), target.to_owned());
                 vals.entry(k.clone()).or_default().push(f.value);
                 lat.entry(k.clone()).or_default().push((f.p50_us, f.p99_us));
@@ -1142,17 +1223,33 @@ fn throughput(c: &Cluster, cfg: &Cfg, rep: &mut Report) {
     );
     rep.line(format!(
         "{:<19} {:<7} {:>22} {:>8} {:>8} {:>10} {:>22} {:>22}",
-        "job", "target", "median [min..max]", "p50_us", "p99_us", "cpu_us/io", "x local", "x raw link (MiB/s)"
+        "job",
+        "target",
+        "median [min..max]",
+        "p50_us",
+        "p99_us",
+        "cpu_us/io",
+        "x local",
+        "x raw link (MiB/s)"
     ));
     rep.line(format!(
         "{:<19} {:<7} {:>22}   ({tool}, one TCP stream n1 -> n2 over the veths and the bridge)",
         "raw_tcp_link",
         "",
-        format!("{:.0} [{:.0}..{:.0}] MiB/s", median(&link), min(&link), max(&link))
+        format!(
+            "{:.0} [{:.0}..{:.0}] MiB/s",
+            median(&link),
+            min(&link),
+            max(&link)
+        )
     ));
     let mut info = Vec::new();
     for (job, _) in jobs {
-        let unit = if job.starts_with("seq") { "MiB/s" } else { "IOPS" };
+        let unit = if job.starts_with("seq") {
+            "MiB/s"
+        } else {
+            "IOPS"
+        };
         let loc = vals[&(job.to_owned(), "local".to_owned())].clone();
         for target in ["local", "remote"] {
             let k = (job.to_owned(), target.to_owned());
@@ -1170,9 +1267,19 @@ fn throughput(c: &Cluster, cfg: &Cfg, rep: &mut Report) {
                 p50,
                 p99,
                 median(&cpu[&k]),
-                format!("{:.2} [{:.2}..{:.2}]", median(&ratio_local), min(&ratio_local), max(&ratio_local)),
+                format!(
+                    "{:.2} [{:.2}..{:.2}]",
+                    median(&ratio_local),
+                    min(&ratio_local),
+                    max(&ratio_local)
+                ),
                 if unit == "MiB/s" {
-                    format!("{:.2} [{:.2}..{:.2}]", median(&ratio_link), min(&ratio_link), max(&ratio_link))
+                    format!(
+                        "{:.2} [{:.2}..{:.2}]",
+                        median(&ratio_link),
+                        min(&ratio_link),
+                        max(&ratio_link)
+                    )
                 } else {
                     "-".to_owned()
                 },
@@ -1244,7 +1351,10 @@ fn takeover(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)>
         for _ in 0..100 {
             let r = a
                 .call("POST", &format!("/v1/volumes/{vol}/attach"), Some("{}"))
-                .unwrap_or(Resp { status: 0, body: "io error".into() });
+                .unwrap_or(Resp {
+                    status: 0,
+                    body: "io error".into(),
+                });
             if r.ok() {
                 attached = Some(r.json()["generation"].as_u64().unwrap_or(0));
                 break;
@@ -1285,7 +1395,10 @@ fn takeover(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)>
                     &format!("/v1/volumes/{vol}/attach"),
                     Some(r#"{"node":"n2"}"#),
                 )
-                .unwrap_or(Resp { status: 0, body: "io error".into() });
+                .unwrap_or(Resp {
+                    status: 0,
+                    body: "io error".into(),
+                });
             if r.ok() {
                 g2 = r.json()["generation"].as_u64().unwrap_or(0);
                 break Some(killed.elapsed());
@@ -1302,8 +1415,14 @@ fn takeover(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)>
             }
         };
         let Some(took) = took else {
-            rep.line(format!("takeover run {run}: NO takeover within 60 s; first refusal: {first_err}"));
-            rows.push(format!("{run}\t{rem}\t\t\t{tries}\t{g1}\t\t{}\t{}", health_delta(h0, etcd_health(&members)), first_err.replace('\t', " ")));
+            rep.line(format!(
+                "takeover run {run}: NO takeover within 60 s; first refusal: {first_err}"
+            ));
+            rows.push(format!(
+                "{run}\t{rem}\t\t\t{tries}\t{g1}\t\t{}\t{}",
+                health_delta(h0, etcd_health(&members)),
+                first_err.replace('\t', " ")
+            ));
             break;
         };
         let kg = key_gone.map(|d| d.as_secs_f64());
@@ -1346,11 +1465,19 @@ fn takeover(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)>
     ));
     rep.line(format!(
         "{:<44} {:>4} {:>9.2} {:>9.2} {:>9.2}",
-        "blockwarden: kill -9 -> attach via n2 ok", n, med, min(&took_s), mx
+        "blockwarden: kill -9 -> attach via n2 ok",
+        n,
+        med,
+        min(&took_s),
+        mx
     ));
     rep.line(format!(
         "{:<44} {:>4} {:>9.2} {:>9.2} {:>9.2}",
-        "  of which: kill -9 -> owner key deleted", expiry_s.len(), median(&expiry_s), min(&expiry_s), max(&expiry_s)
+        "  of which: kill -9 -> owner key deleted",
+        expiry_s.len(),
+        median(&expiry_s),
+        min(&expiry_s),
+        max(&expiry_s)
     ));
     let after: Vec<f64> = rows
         .iter()
@@ -1361,7 +1488,11 @@ fn takeover(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)>
         .collect();
     rep.line(format!(
         "{:<44} {:>4} {:>9.3} {:>9.3} {:>9.3}",
-        "  of which: key deleted -> attach ok (s)", after.len(), median(&after), min(&after), max(&after)
+        "  of which: key deleted -> attach ok (s)",
+        after.len(),
+        median(&after),
+        min(&after),
+        max(&after)
     ));
     let troubled: Vec<String> = rows
         .iter()
@@ -1373,7 +1504,11 @@ fn takeover(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)>
         .collect();
     rep.line(format!(
         "runs during which etcd changed leader or had WAL fsyncs > 0.5 s: {}",
-        if troubled.is_empty() { "none".to_owned() } else { troubled.join("; ") }
+        if troubled.is_empty() {
+            "none".to_owned()
+        } else {
+            troubled.join("; ")
+        }
     ));
     let ka = cfg.keepalive_s;
     rep.line(format!(
@@ -1384,7 +1519,9 @@ fn takeover(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)>
     ));
     rep.line("sanlock 3.8.5 at defaults (io_timeout 10 s): 8*io_timeout + 60 = 140 s host_dead_seconds; measured 140.6, 152.6 s; formula window (120, 161] (../shared/bench/leases/RESULTS.md)");
     let ratio = 140.0 / med;
-    rep.line(format!("sanlock formula / blockwarden median = {ratio:.0}x"));
+    rep.line(format!(
+        "sanlock formula / blockwarden median = {ratio:.0}x"
+    ));
     vec![
         (format!("takeover max {mx:.2} s <= 10 s (SPEC §6), {n}/{} runs", cfg.takeover_runs), mx <= 10.0 && n == cfg.takeover_runs),
         (format!("takeover max {mx:.2} s within etcd expectation TTL + 0.6 = {:.1} s (+0.2 s poll/CLI slack)", ttl_s + 0.6), mx <= ttl_s + 0.8),
@@ -1404,7 +1541,9 @@ fn main() {
         "== blockwarden C2 cluster benchmarks, {} (loadavg at start {}; nproc {})",
         now_utc(),
         loadavg(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
     ));
     rep.line(format!(
         "binary {}; parts {}; TAKEOVER_RUNS {} POLL_MS {} CP_OPS {} CLI_OPS {} TP_REPS {} FIO_RUNTIME {} FIO_RAMP {} TP_SIZE {} SEED {}",
@@ -1424,7 +1563,10 @@ fn main() {
 
     if cfg.part("embedded") {
         rep.line(String::new());
-        rep.line(format!("== control plane, embedded mode (one agent on loopback), load {}", loadavg()));
+        rep.line(format!(
+            "== control plane, embedded mode (one agent on loopback), load {}",
+            loadavg()
+        ));
         let mut opts = AgentOptions::new(&cfg.bin);
         opts.node_name = "solo".into();
         let agent = Agent::start(opts);
@@ -1449,8 +1591,8 @@ fn main() {
             std::process::exit(2);
         }
         let bin = cfg.bin.to_str().expect("utf-8 path").to_owned();
-        let mut c = Cluster::start(&bin, &[("n1", &[]), ("n2", &[]), ("n3", &[])])
-            .expect("cluster start");
+        let mut c =
+            Cluster::start(&bin, &[("n1", &[]), ("n2", &[]), ("n3", &[])]).expect("cluster start");
         let etcd_members: Vec<SocketAddr> = c
             .etcd
             .endpoint_list()

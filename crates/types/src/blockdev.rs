@@ -19,16 +19,35 @@ use std::fmt;
 /// One request to a block device. Lengths are in bytes.
 #[derive(Debug)]
 pub enum IoRequest {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Vec<u8>, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
     Flush,
     /// Discard: the range may read back as anything afterwards (we return zeroes).
-    Trim { offset: u64, len: u64, fua: bool },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
     /// Make the range read as zeroes. With `may_punch` the device may deallocate it (NBD
     /// without `NO_HOLE`); without, the range stays allocated.
-    WriteZeroes { offset: u64, len: u64, may_punch: bool, fua: bool },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fua: bool,
+    },
     /// Allocation status of the range (`base:allocation`).
-    BlockStatus { offset: u64, len: u64 },
+    BlockStatus {
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl IoRequest {

@@ -54,7 +54,10 @@ impl IoMetrics {
         let ns = latency.as_nanos().min(u64::MAX as u128) as u64;
         c.latency_sum_ns.fetch_add(ns, Relaxed);
         let s = ns as f64 / 1e9;
-        let b = LATENCY_BUCKETS_S.iter().position(|&ub| s <= ub).unwrap_or(LATENCY_BUCKETS_S.len());
+        let b = LATENCY_BUCKETS_S
+            .iter()
+            .position(|&ub| s <= ub)
+            .unwrap_or(LATENCY_BUCKETS_S.len());
         c.buckets[b].fetch_add(1, Relaxed);
     }
 
@@ -79,16 +82,34 @@ impl IoMetrics {
         for kind in IoKind::ALL {
             let c = &self.kinds[index(kind)];
             let l = format!("volume=\"{volume}\",op=\"{}\"", kind.as_str());
-            let _ = writeln!(out, "blockwarden_volume_ops_total{{{l}}} {}", c.ops.load(Relaxed));
-            let _ = writeln!(out, "blockwarden_volume_bytes_total{{{l}}} {}", c.bytes.load(Relaxed));
-            let _ = writeln!(out, "blockwarden_volume_errors_total{{{l}}} {}", c.errors.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "blockwarden_volume_ops_total{{{l}}} {}",
+                c.ops.load(Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "blockwarden_volume_bytes_total{{{l}}} {}",
+                c.bytes.load(Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "blockwarden_volume_errors_total{{{l}}} {}",
+                c.errors.load(Relaxed)
+            );
             let mut cum = 0;
             for (i, ub) in LATENCY_BUCKETS_S.iter().enumerate() {
                 cum += c.buckets[i].load(Relaxed);
-                let _ = writeln!(out, "blockwarden_volume_latency_seconds_bucket{{{l},le=\"{ub}\"}} {cum}");
+                let _ = writeln!(
+                    out,
+                    "blockwarden_volume_latency_seconds_bucket{{{l},le=\"{ub}\"}} {cum}"
+                );
             }
             cum += c.buckets[LATENCY_BUCKETS_S.len()].load(Relaxed);
-            let _ = writeln!(out, "blockwarden_volume_latency_seconds_bucket{{{l},le=\"+Inf\"}} {cum}");
+            let _ = writeln!(
+                out,
+                "blockwarden_volume_latency_seconds_bucket{{{l},le=\"+Inf\"}} {cum}"
+            );
             let sum = c.latency_sum_ns.load(Relaxed) as f64 / 1e9;
             let _ = writeln!(out, "blockwarden_volume_latency_seconds_sum{{{l}}} {sum}");
             let _ = writeln!(out, "blockwarden_volume_latency_seconds_count{{{l}}} {cum}");

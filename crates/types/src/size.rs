@@ -17,7 +17,9 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     if t.is_empty() {
         return Err(SizeError::Empty);
     }
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
     let suffix = suffix.trim().to_ascii_uppercase();
     let shift = match suffix.as_str() {
@@ -29,7 +31,8 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         "P" | "PB" | "PIB" => 50,
         _ => return Err(SizeError::Malformed(s.to_owned())),
     };
-    if num.is_empty() || num.matches('.').count() > 1 || num.starts_with('.') || num.ends_with('.') {
+    if num.is_empty() || num.matches('.').count() > 1 || num.starts_with('.') || num.ends_with('.')
+    {
         return Err(SizeError::Malformed(s.to_owned()));
     }
     let (int, frac) = match num.split_once('.') {
@@ -44,7 +47,9 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     if !frac.is_empty() {
         // Fraction of the unit, computed exactly over at most 18 digits.
         let digits = &frac[..frac.len().min(18)];
-        let f: u128 = digits.parse().map_err(|_| SizeError::Malformed(s.to_owned()))?;
+        let f: u128 = digits
+            .parse()
+            .map_err(|_| SizeError::Malformed(s.to_owned()))?;
         let scale = 10u128.pow(digits.len() as u32);
         let extra = ((f << shift) / scale) as u64;
         bytes = bytes.and_then(|b| b.checked_add(extra));
@@ -89,9 +94,15 @@ mod tests {
         assert_eq!(parse_size(" 8 M "), Ok(8 << 20));
         assert_eq!(parse_size(""), Err(SizeError::Empty));
         for bad in ["G", "1X", "-1", "1.5", "1..2G", ".5G", "abc", "1 2"] {
-            assert!(matches!(parse_size(bad), Err(SizeError::Malformed(_))), "{bad}");
+            assert!(
+                matches!(parse_size(bad), Err(SizeError::Malformed(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(parse_size("99999999999999999999"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999999999999"),
+            Err(SizeError::Overflow(_))
+        ));
         assert!(matches!(parse_size("16384P"), Err(SizeError::Overflow(_))));
     }
 

@@ -90,7 +90,11 @@ impl Attachment {
         if u.explicit {
             why.push("attached explicitly".to_owned());
         }
-        if why.is_empty() { String::new() } else { format!(" ({})", why.join(", ")) }
+        if why.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", why.join(", "))
+        }
     }
 }
 
@@ -107,7 +111,9 @@ impl BlockDevice for SessionGuard {
 
     fn submit(&self, req: IoRequest, done: IoDone) {
         if !self.session.is_valid() {
-            done(Err(IoError::Faulted("self-fenced: this node cannot renew its lease, so it may no longer write".into())));
+            done(Err(IoError::Faulted(
+                "self-fenced: this node cannot renew its lease, so it may no longer write".into(),
+            )));
             return;
         }
         self.inner.submit(req, done);
@@ -117,13 +123,24 @@ impl BlockDevice for SessionGuard {
 impl<C: ClusterStore> Node<C> {
     /// Takes one use of `name` on this node (an NBD connection, or the explicit attachment),
     /// attaching it first if needed.
-    pub async fn acquire(self: &Arc<Self>, name: &Name, explicit: bool) -> Result<Arc<Attachment>, AttachError> {
+    pub async fn acquire(
+        self: &Arc<Self>,
+        name: &Name,
+        explicit: bool,
+    ) -> Result<Arc<Attachment>, AttachError> {
         let _serial = self.attach_lock.lock().await;
-        if let Some(a) = self.attachment(name).filter(|a| !a.closing.load(Ordering::Acquire)) {
+        if let Some(a) = self
+            .attachment(name)
+            .filter(|a| !a.closing.load(Ordering::Acquire))
+        {
             let newly_explicit = {
                 let mut u = a.usage.lock().unwrap();
                 let newly = explicit && !u.explicit;
-                if explicit { u.explicit = true } else { u.connections += 1 }
+                if explicit {
+                    u.explicit = true
+                } else {
+                    u.connections += 1
+                }
                 newly
             };
             if newly_explicit {
@@ -135,18 +152,31 @@ impl<C: ClusterStore> Node<C> {
         if !session.is_valid() {
             return Err(AttachError::NoSession);
         }
-        let Some((rec, _)) = self.catalog.get_volume(name).await? else { return Err(AttachError::NotFound(name.clone())) };
+        let Some((rec, _)) = self.catalog.get_volume(name).await? else {
+            return Err(AttachError::NotFound(name.clone()));
+        };
         match rec.state {
             VolumeState::Ready => {}
             VolumeState::Creating => return Err(AttachError::NotReady(name.clone())),
             VolumeState::Deleting => return Err(AttachError::Deleting(name.clone())),
         }
-        let generation = match self.catalog.acquire_owner(name, &self.me.id, session.lease_id()).await? {
+        let generation = match self
+            .catalog
+            .acquire_owner(name, &self.me.id, session.lease_id())
+            .await?
+        {
             Ok(acquired) => acquired.generation,
-            Err(held) if held.holder == self.me.id && held.lease == session.lease_id() => held.generation,
+            Err(held) if held.holder == self.me.id && held.lease == session.lease_id() => {
+                held.generation
+            }
             Err(held) => {
                 let holder = self.node_name(&held.holder).await;
-                return Err(AttachError::Held(HeldBy { volume: name.clone(), holder, generation: held.generation, since_ms: held.since_ms }));
+                return Err(AttachError::Held(HeldBy {
+                    volume: name.clone(),
+                    holder,
+                    generation: held.generation,
+                    since_ms: held.since_ms,
+                }));
             }
         };
         let (device, remote) = match self.open_device(&rec, generation, session).await {
@@ -162,15 +192,29 @@ impl<C: ClusterStore> Node<C> {
             since_ms: now_ms(),
             device,
             remote,
-            usage: Mutex::new(Use { connections: u32::from(!explicit), explicit }),
+            usage: Mutex::new(Use {
+                connections: u32::from(!explicit),
+                explicit,
+            }),
             kill: watch::channel(false).0,
             closing: AtomicBool::new(false),
         });
-        self.attachments.lock().unwrap().insert(name.clone(), att.clone());
+        self.attachments
+            .lock()
+            .unwrap()
+            .insert(name.clone(), att.clone());
         self.record_attachment(name, Some(&att), explicit).await;
-        let how = if explicit { "by volume attach" } else { "by an NBD client" };
-        let msg = format!("volume {name} attached on node {} (generation {generation}) {how}", self.me.name);
-        self.event(Level::Info, "volume.attached", Some(name), msg).await;
+        let how = if explicit {
+            "by volume attach"
+        } else {
+            "by an NBD client"
+        };
+        let msg = format!(
+            "volume {name} attached on node {} (generation {generation}) {how}",
+            self.me.name
+        );
+        self.event(Level::Info, "volume.attached", Some(name), msg)
+            .await;
         Ok(att)
     }
 
@@ -182,39 +226,69 @@ impl<C: ClusterStore> Node<C> {
         generation: Generation,
         session: Arc<Session>,
     ) -> Result<(Arc<dyn BlockDevice>, Option<Arc<RemoteReplica>>), AttachError> {
-        let placed = rec.replicas_placed.first().ok_or_else(|| AttachError::Replica(format!("volume {} has no replica", rec.name)))?;
+        let placed = rec
+            .replicas_placed
+            .first()
+            .ok_or_else(|| AttachError::Replica(format!("volume {} has no replica", rec.name)))?;
         let (inner, remote): (Arc<dyn BlockDevice>, _) = if placed.node_id == self.me.id {
-            let replica = self
-                .replica(&rec.id)
-                .ok_or_else(|| AttachError::Replica(format!("the replica of {} on this node is not open", rec.name)))?;
+            let replica = self.replica(&rec.id).ok_or_else(|| {
+                AttachError::Replica(format!(
+                    "the replica of {} on this node is not open",
+                    rec.name
+                ))
+            })?;
             let dev = tokio::task::spawn_blocking(move || replica.device_for(generation))
                 .await
                 .map_err(|e| AttachError::Replica(e.to_string()))?
-                .map_err(|e| AttachError::Replica(format!("the local replica refused generation {generation}: {e}")))?;
+                .map_err(|e| {
+                    AttachError::Replica(format!(
+                        "the local replica refused generation {generation}: {e}"
+                    ))
+                })?;
             (dev, None)
         } else {
             let node = self
                 .catalog
                 .get_node(&placed.node_id)
                 .await?
-                .ok_or_else(|| AttachError::Replica(format!("node {} holding the replica is unknown", placed.node_name)))?
+                .ok_or_else(|| {
+                    AttachError::Replica(format!(
+                        "node {} holding the replica is unknown",
+                        placed.node_name
+                    ))
+                })?
                 .0;
             let addr = node
                 .peer_addr
                 .as_deref()
                 .and_then(|a| a.parse().ok())
-                .ok_or_else(|| AttachError::Replica(format!("node {} has no peer address", node.name)))?;
-            let opts = ConnectOptions { on_state: Some(self.peer_state_callback(rec.name.clone(), generation)), ..ConnectOptions::default() };
-            let remote = RemoteReplica::connect(addr, self.me.id.clone(), rec.id.clone(), generation, opts)
-                .await
-                .map_err(|e| AttachError::Replica(format!("cannot reach the replica of {} on node {}: {e}", rec.name, node.name)))?;
+                .ok_or_else(|| {
+                    AttachError::Replica(format!("node {} has no peer address", node.name))
+                })?;
+            let opts = ConnectOptions {
+                on_state: Some(self.peer_state_callback(rec.name.clone(), generation)),
+                ..ConnectOptions::default()
+            };
+            let remote =
+                RemoteReplica::connect(addr, self.me.id.clone(), rec.id.clone(), generation, opts)
+                    .await
+                    .map_err(|e| {
+                        AttachError::Replica(format!(
+                            "cannot reach the replica of {} on node {}: {e}",
+                            rec.name, node.name
+                        ))
+                    })?;
             let remote = Arc::new(remote);
             (remote.clone() as Arc<dyn BlockDevice>, Some(remote))
         };
         Ok((Arc::new(SessionGuard { inner, session }), remote))
     }
 
-    fn peer_state_callback(self: &Arc<Self>, name: Name, generation: Generation) -> peer::StateCallback {
+    fn peer_state_callback(
+        self: &Arc<Self>,
+        name: Name,
+        generation: Generation,
+    ) -> peer::StateCallback {
         let node = Arc::downgrade(self);
         Arc::new(move |state: &PeerState| {
             let Some(node) = node.upgrade() else { return };
@@ -223,11 +297,18 @@ impl<C: ClusterStore> Node<C> {
                     let msg = format!("volume {name}: generation {generation} was fenced by the replica (it has admitted {highest}); the attachment stops");
                     node.event_later(Level::Warning, "volume.fenced", Some(name.clone()), msg);
                     let (n, name) = (node.clone(), name.clone());
-                    node.runtime.spawn(async move { n.force_detach(&name, "fenced by a newer generation").await });
+                    node.runtime.spawn(async move {
+                        n.force_detach(&name, "fenced by a newer generation").await
+                    });
                 }
                 PeerState::Unreachable { reason } => {
                     let msg = format!("volume {name}: the replica became unreachable ({reason}); I/O fails until it is re-attached");
-                    node.event_later(Level::Error, "volume.replica_unreachable", Some(name.clone()), msg);
+                    node.event_later(
+                        Level::Error,
+                        "volume.replica_unreachable",
+                        Some(name.clone()),
+                        msg,
+                    );
                 }
                 PeerState::Connected | PeerState::Closed => {}
             }
@@ -236,9 +317,16 @@ impl<C: ClusterStore> Node<C> {
 
     /// Records (or clears) the attachment in the volume record, for display. Best effort:
     /// the owner key is the authority, so a failure here is logged, not fatal.
-    pub async fn record_attachment(&self, name: &Name, att: Option<&Arc<Attachment>>, explicit: bool) {
+    pub async fn record_attachment(
+        &self,
+        name: &Name,
+        att: Option<&Arc<Attachment>>,
+        explicit: bool,
+    ) {
         for _ in 0..CAS_RETRIES {
-            let Ok(Some((mut rec, rev))) = self.catalog.get_volume(name).await else { return };
+            let Ok(Some((mut rec, rev))) = self.catalog.get_volume(name).await else {
+                return;
+            };
             match att {
                 Some(a) => {
                     rec.generation = rec.generation.max(a.generation);
@@ -251,7 +339,11 @@ impl<C: ClusterStore> Node<C> {
                     });
                 }
                 None => {
-                    if rec.attachment.as_ref().is_none_or(|a| a.node_id != self.me.id) {
+                    if rec
+                        .attachment
+                        .as_ref()
+                        .is_none_or(|a| a.node_id != self.me.id)
+                    {
                         return;
                     }
                     rec.attachment = None;
@@ -273,14 +365,17 @@ impl<C: ClusterStore> Node<C> {
         let node = self.clone();
         self.runtime.spawn(async move {
             let _serial = node.attach_lock.lock().await;
-            let Some(att) = node.attachment(&name) else { return };
+            let Some(att) = node.attachment(&name) else {
+                return;
+            };
             let done = {
                 let mut u = att.usage.lock().unwrap();
                 u.connections = u.connections.saturating_sub(1);
                 u.connections == 0 && !u.explicit
             };
             if done {
-                node.teardown(&att, "volume.released", "its last NBD connection closed").await;
+                node.teardown(&att, "volume.released", "its last NBD connection closed")
+                    .await;
             }
         });
     }
@@ -288,7 +383,9 @@ impl<C: ClusterStore> Node<C> {
     /// `volume detach` on this node.
     pub async fn detach_local(self: &Arc<Self>, name: &Name) -> Result<(), api::ApiError> {
         let _serial = self.attach_lock.lock().await;
-        let Some(att) = self.attachment(name) else { return Ok(()) };
+        let Some(att) = self.attachment(name) else {
+            return Ok(());
+        };
         let u = att.usage();
         if u.connections > 0 {
             return Err(api::ApiError::new(
@@ -296,7 +393,8 @@ impl<C: ClusterStore> Node<C> {
                 format!("volume {name} has {} open NBD connection(s) on node {}; close them before detaching", u.connections, self.me.name),
             ));
         }
-        self.teardown(&att, "volume.detached", "volume detach").await;
+        self.teardown(&att, "volume.detached", "volume detach")
+            .await;
         Ok(())
     }
 
@@ -319,10 +417,16 @@ impl<C: ClusterStore> Node<C> {
         }
         match self.catalog.release_owner(&att.name, att.generation).await {
             Ok(_) => {}
-            Err(e) => log::warn!("cannot release the owner key of {} (it expires with the lease): {e}", att.name),
+            Err(e) => log::warn!(
+                "cannot release the owner key of {} (it expires with the lease): {e}",
+                att.name
+            ),
         }
         self.record_attachment(&att.name, None, false).await;
-        let msg = format!("volume {} released on node {} (generation {}): {why}", att.name, self.me.name, att.generation);
+        let msg = format!(
+            "volume {} released on node {} (generation {}): {why}",
+            att.name, self.me.name, att.generation
+        );
         self.event(Level::Info, kind, Some(&att.name), msg).await;
     }
 }

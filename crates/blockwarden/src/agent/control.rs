@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use api::{
-    ApiError, Attached, AttachmentView, Control, CreateVolume, ErrorCode, EventFollow, EventQuery, EventView, NodeView,
-    ReplicaView, StatusView, VolumeSettings, VolumeView,
+    ApiError, Attached, AttachmentView, Control, CreateVolume, ErrorCode, EventFollow, EventQuery,
+    EventView, NodeView, ReplicaView, StatusView, VolumeSettings, VolumeView,
 };
 use bw_types::{Name, NodeId};
 use catalog::{ClusterStore, EventRecord, Level, NodeRecord, OwnerRecord, Prefix, VolumeRecord};
@@ -30,20 +30,35 @@ impl<C: ClusterStore> AgentControl<C> {
     async fn context(&self) -> Result<Context, ApiError> {
         let c = &self.0.catalog;
         let nodes = self.0.node_records().await?;
-        let alive = c.list_alive().await.map_err(catalog_error)?.into_iter().map(|(id, _)| id).collect();
+        let alive = c
+            .list_alive()
+            .await
+            .map_err(catalog_error)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         let (rows, _) = c.list_at(Prefix::Owners).await.map_err(catalog_error)?;
         let owners = rows
             .into_iter()
             .filter_map(|(k, v, rev)| {
                 let name = k.as_str().rsplit('/').next()?.to_owned();
-                serde_json::from_slice::<OwnerRecord>(&v).ok().map(|o| (name, (o, rev.0)))
+                serde_json::from_slice::<OwnerRecord>(&v)
+                    .ok()
+                    .map(|o| (name, (o, rev.0)))
             })
             .collect();
-        Ok(Context { nodes, alive, owners })
+        Ok(Context {
+            nodes,
+            alive,
+            owners,
+        })
     }
 
     fn node_name(&self, ctx: &Context, id: &NodeId) -> String {
-        ctx.nodes.get(id).map(|n| n.name.to_string()).unwrap_or_else(|| id.to_string())
+        ctx.nodes
+            .get(id)
+            .map(|n| n.name.to_string())
+            .unwrap_or_else(|| id.to_string())
     }
 
     fn view(&self, ctx: &Context, rec: &VolumeRecord) -> VolumeView {
@@ -53,25 +68,44 @@ impl<C: ClusterStore> AgentControl<C> {
             node: self.node_name(ctx, &o.node),
             generation: *generation,
             since_ms: o.since_ms,
-            explicit: rec.attachment.as_ref().is_some_and(|a| a.explicit && a.generation.0 == *generation),
+            explicit: rec
+                .attachment
+                .as_ref()
+                .is_some_and(|a| a.explicit && a.generation.0 == *generation),
         });
         let local = node.attachment(&rec.name);
-        let nbd_uri = owner.and_then(|(o, _)| ctx.nodes.get(&o.node)).map(|n| uri_for(&n.nbd_addr, &rec.name));
+        let nbd_uri = owner
+            .and_then(|(o, _)| ctx.nodes.get(&o.node))
+            .map(|n| uri_for(&n.nbd_addr, &rec.name));
         let now = now_ms();
         let replica_set: Vec<ReplicaView> = rec
             .replicas_placed
             .iter()
             .map(|r| {
-                let desired = serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                let desired = serde_json::to_value(r.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
                 let alive = ctx.alive.contains(&r.node_id);
-                let actual = ctx.nodes.get(&r.node_id).and_then(|n| n.replicas.get(&rec.id.0).map(|rep| (rep, now.saturating_sub(n.last_seen_ms))));
+                let actual = ctx.nodes.get(&r.node_id).and_then(|n| {
+                    n.replicas
+                        .get(&rec.id.0)
+                        .map(|rep| (rep, now.saturating_sub(n.last_seen_ms)))
+                });
                 let state = match (alive, actual) {
                     (false, _) => format!("{desired} (node down)"),
-                    (true, Some((rep, age))) if rep.state != desired => format!("{} (desired {desired}, reported {}s ago)", rep.state, age / 1000),
+                    (true, Some((rep, age))) if rep.state != desired => format!(
+                        "{} (desired {desired}, reported {}s ago)",
+                        rep.state,
+                        age / 1000
+                    ),
                     (true, None) if desired == "in_sync" => format!("{desired} (not reported yet)"),
                     _ => desired,
                 };
-                ReplicaView { node: r.node_name.to_string(), state }
+                ReplicaView {
+                    node: r.node_name.to_string(),
+                    state,
+                }
             })
             .collect();
         let degraded = replica_set.iter().any(|r| r.state != "in_sync");
@@ -104,8 +138,12 @@ impl<C: ClusterStore> AgentControl<C> {
     /// The API client of another node, by name.
     async fn remote_api(&self, node: &Name) -> Result<api::Client, ApiError> {
         let nodes = self.0.node_records().await?;
-        let rec = nodes.values().find(|n| n.name == *node).ok_or_else(|| ApiError::not_found(format!("no node named {node}")))?;
-        api::Client::new(&format!("http://{}", rec.api_addr)).map_err(|e| ApiError::internal(e.to_string()))
+        let rec = nodes
+            .values()
+            .find(|n| n.name == *node)
+            .ok_or_else(|| ApiError::not_found(format!("no node named {node}")))?;
+        api::Client::new(&format!("http://{}", rec.api_addr))
+            .map_err(|e| ApiError::internal(e.to_string()))
     }
 }
 
@@ -114,8 +152,16 @@ pub fn uri_for(listen: &str, name: &Name) -> String {
     let addr: Option<std::net::SocketAddr> = listen.parse().ok();
     match addr {
         Some(a) => {
-            let host = if a.ip().is_unspecified() { "127.0.0.1".to_owned() } else { a.ip().to_string() };
-            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            let host = if a.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                a.ip().to_string()
+            };
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host
+            };
             format!("nbd://{host}:{}/{name}", a.port())
         }
         None => format!("nbd://{listen}/{name}"),
@@ -174,7 +220,10 @@ impl<C: ClusterStore> Control for AgentControl<C> {
     async fn attach_volume(&self, name: Name, node: Option<Name>) -> Result<Attached, ApiError> {
         if let Some(target) = node.filter(|n| *n != self.0.me.name) {
             let client = self.remote_api(&target).await?;
-            return client.attach_volume(name.as_str(), Some(target.as_str())).await.map_err(forwarded);
+            return client
+                .attach_volume(name.as_str(), Some(target.as_str()))
+                .await
+                .map_err(forwarded);
         }
         let att = self.0.acquire(&name, true).await.map_err(attach_error)?;
         Ok(Attached {
@@ -186,25 +235,49 @@ impl<C: ClusterStore> Control for AgentControl<C> {
 
     async fn detach_volume(&self, name: Name) -> Result<(), ApiError> {
         self.0.get_record(&name).await?;
-        match self.0.catalog.get_owner(&name).await.map_err(catalog_error)? {
+        match self
+            .0
+            .catalog
+            .get_owner(&name)
+            .await
+            .map_err(catalog_error)?
+        {
             None => Ok(()),
             Some(held) if held.holder == self.0.me.id => self.0.detach_local(&name).await,
             Some(held) => {
                 let holder = self.0.node_name(&held.holder).await;
                 let holder = Name::new(&holder).map_err(|e| ApiError::internal(e.to_string()))?;
                 let client = self.remote_api(&holder).await.map_err(|e| {
-                    let h = HeldBy { volume: name.clone(), holder: holder.to_string(), generation: held.generation, since_ms: held.since_ms };
-                    ApiError::new(ErrorCode::Unavailable, format!("{}; cannot reach that node to detach: {}", super::attach::AttachError::Held(h), e.message))
+                    let h = HeldBy {
+                        volume: name.clone(),
+                        holder: holder.to_string(),
+                        generation: held.generation,
+                        since_ms: held.since_ms,
+                    };
+                    ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "{}; cannot reach that node to detach: {}",
+                            super::attach::AttachError::Held(h),
+                            e.message
+                        ),
+                    )
                 })?;
                 client.detach_volume(name.as_str()).await.map_err(forwarded)
             }
         }
     }
 
-    async fn set_volume(&self, name: Name, settings: VolumeSettings) -> Result<VolumeView, ApiError> {
+    async fn set_volume(
+        &self,
+        name: Name,
+        settings: VolumeSettings,
+    ) -> Result<VolumeView, ApiError> {
         let (rec, _) = self.0.get_record(&name).await?;
         if settings.mode == Some(api::Mode::Async) {
-            return Err(ApiError::bad_request("--mode async (geographic replication) is not available in this build"));
+            return Err(ApiError::bad_request(
+                "--mode async (geographic replication) is not available in this build",
+            ));
         }
         if settings.resync_rate_bytes_per_s.is_some() {
             return Err(ApiError::bad_request(format!(
@@ -224,7 +297,11 @@ impl<C: ClusterStore> Control for AgentControl<C> {
             .into_iter()
             .map(|n| {
                 let alive = ctx.alive.contains(&n.id);
-                let fresh = if n.id == self.0.me.id { self.0.own_record() } else { n };
+                let fresh = if n.id == self.0.me.id {
+                    self.0.own_record()
+                } else {
+                    n
+                };
                 NodeView {
                     id: fresh.id.0.clone(),
                     name: fresh.name.to_string(),
@@ -251,7 +328,11 @@ impl<C: ClusterStore> Control for AgentControl<C> {
             node: n.me.name.to_string(),
             node_id: n.me.id.0.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            catalog: if n.cluster { "etcd".into() } else { "embedded".into() },
+            catalog: if n.cluster {
+                "etcd".into()
+            } else {
+                "embedded".into()
+            },
             uptime_ms: now_ms().saturating_sub(n.started_at_ms),
             nodes: ctx.nodes.len().max(1) as u32,
             volumes: views.len() as u32,
@@ -265,9 +346,16 @@ impl<C: ClusterStore> Control for AgentControl<C> {
         let c = &self.0.catalog;
         let after = match q.since {
             Some(s) => s,
-            None => c.last_event_seq().await.map_err(catalog_error)?.saturating_sub(u64::from(q.limit)),
+            None => c
+                .last_event_seq()
+                .await
+                .map_err(catalog_error)?
+                .saturating_sub(u64::from(q.limit)),
         };
-        let evs = c.events_since(after, q.limit as usize).await.map_err(catalog_error)?;
+        let evs = c
+            .events_since(after, q.limit as usize)
+            .await
+            .map_err(catalog_error)?;
         Ok(evs.into_iter().map(event_view).collect())
     }
 

@@ -14,7 +14,11 @@ use super::node::Node;
 pub struct NodeExports<C: ClusterStore>(pub Arc<Node<C>>);
 
 fn info(name: &Name, size: u64) -> ExportInfo {
-    ExportInfo { name: name.to_string(), size_bytes: size, description: format!("blockwarden volume {name} ({})", format_size(size)) }
+    ExportInfo {
+        name: name.to_string(),
+        size_bytes: size,
+        description: format!("blockwarden volume {name} ({})", format_size(size)),
+    }
 }
 
 impl<C: ClusterStore> NodeExports<C> {
@@ -39,7 +43,11 @@ impl<C: ClusterStore> Drop for ConnectionGuard<C> {
 impl<C: ClusterStore> Exports for NodeExports<C> {
     fn list(&self) -> Vec<ExportInfo> {
         match self.block_on(self.0.catalog.list_volumes()) {
-            Ok(v) => v.iter().filter(|(r, _)| r.state == VolumeState::Ready).map(|(r, _)| info(&r.name, r.size_bytes)).collect(),
+            Ok(v) => v
+                .iter()
+                .filter(|(r, _)| r.state == VolumeState::Ready)
+                .map(|(r, _)| info(&r.name, r.size_bytes))
+                .collect(),
             Err(e) => {
                 log::warn!("NBD export list: {e}");
                 Vec::new()
@@ -52,20 +60,28 @@ impl<C: ClusterStore> Exports for NodeExports<C> {
         let n = Name::new(name).map_err(|_| unknown())?;
         match self.block_on(self.0.catalog.get_volume(&n)) {
             Ok(Some((r, _))) if r.state == VolumeState::Ready => Ok(info(&r.name, r.size_bytes)),
-            Ok(Some((r, _))) => Err(OpenError::Unavailable(format!("volume {name} is {:?}", r.state).to_lowercase())),
+            Ok(Some((r, _))) => Err(OpenError::Unavailable(
+                format!("volume {name} is {:?}", r.state).to_lowercase(),
+            )),
             Ok(None) => Err(unknown()),
             Err(e) => Err(OpenError::Unavailable(e.to_string())),
         }
     }
 
     fn open(&self, name: &str) -> Result<OpenExport, OpenError> {
-        let n = Name::new(name).map_err(|_| OpenError::Unknown(format!("no volume named {name:?}")))?;
-        let att = self.block_on(self.0.acquire(&n, false)).map_err(|e| match e {
-            AttachError::NotFound(_) => OpenError::Unknown(e.to_string()),
-            AttachError::Held(_) => OpenError::InUse(e.to_string()),
-            other => OpenError::Unavailable(other.to_string()),
-        })?;
-        let guard = ConnectionGuard { node: self.0.clone(), name: n.clone() };
+        let n =
+            Name::new(name).map_err(|_| OpenError::Unknown(format!("no volume named {name:?}")))?;
+        let att = self
+            .block_on(self.0.acquire(&n, false))
+            .map_err(|e| match e {
+                AttachError::NotFound(_) => OpenError::Unknown(e.to_string()),
+                AttachError::Held(_) => OpenError::InUse(e.to_string()),
+                other => OpenError::Unavailable(other.to_string()),
+            })?;
+        let guard = ConnectionGuard {
+            node: self.0.clone(),
+            name: n.clone(),
+        };
         let size = att.device.size_bytes();
         Ok(OpenExport {
             info: info(&n, size),

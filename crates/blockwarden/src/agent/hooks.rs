@@ -28,17 +28,26 @@ pub struct AlertHook {
 
 impl AlertHook {
     pub fn new(command: Option<String>) -> AlertHook {
-        AlertHook { command, slots: Arc::new(Semaphore::new(MAX_HOOKS_IN_FLIGHT)) }
+        AlertHook {
+            command,
+            slots: Arc::new(Semaphore::new(MAX_HOOKS_IN_FLIGHT)),
+        }
     }
 
     /// Runs the hook for `ev` in the background if it is a warning or worse.
     pub fn fire(&self, ev: &NewEvent, rt: &tokio::runtime::Handle) {
-        let Some(cmd) = self.command.clone() else { return };
+        let Some(cmd) = self.command.clone() else {
+            return;
+        };
         if ev.level == Level::Info {
             return;
         }
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            log::error!("alert hook not run for {} ({MAX_HOOKS_IN_FLIGHT} hooks already running): {}", ev.kind, ev.message);
+            log::error!(
+                "alert hook not run for {} ({MAX_HOOKS_IN_FLIGHT} hooks already running): {}",
+                ev.kind,
+                ev.message
+            );
             return;
         };
         let ev = ev.clone();
@@ -53,13 +62,19 @@ impl AlertHook {
 
 async fn run_hook(cmd: &str, ev: &NewEvent) -> std::io::Result<()> {
     let json = serde_json::to_string(ev).unwrap_or_default();
-    let level = serde_json::to_value(ev.level).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    let level = serde_json::to_value(ev.level)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
         .env("BLOCKWARDEN_EVENT_KIND", &ev.kind)
         .env("BLOCKWARDEN_EVENT_LEVEL", level)
-        .env("BLOCKWARDEN_EVENT_VOLUME", ev.volume.as_deref().unwrap_or(""))
+        .env(
+            "BLOCKWARDEN_EVENT_VOLUME",
+            ev.volume.as_deref().unwrap_or(""),
+        )
         .env("BLOCKWARDEN_EVENT_NODE", ev.node.as_deref().unwrap_or(""))
         .env("BLOCKWARDEN_EVENT_MESSAGE", &ev.message)
         .env("BLOCKWARDEN_EVENT_JSON", &json)
@@ -81,7 +96,9 @@ async fn run_hook(cmd: &str, ev: &NewEvent) -> std::io::Result<()> {
         }
         Err(_) => {
             let _ = child.kill().await;
-            Err(std::io::Error::other(format!("killed after {HOOK_TIMEOUT:?}")))
+            Err(std::io::Error::other(format!(
+                "killed after {HOOK_TIMEOUT:?}"
+            )))
         }
     }
 }

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use api::{ApiError, ErrorCode};
 use bw_types::{format_size, Generation, Name, VolumeId};
-use catalog::{ClusterStore, Expect, Level, Mode, ReplicaRecord, ReplicaState, VolumeRecord, VolumeState};
+use catalog::{
+    ClusterStore, Expect, Level, Mode, ReplicaRecord, ReplicaState, VolumeRecord, VolumeState,
+};
 use store::{LocalVolume, Replica, ReplicaOptions, VolumeErrorEvent, VolumeOptions};
 
 use super::datadir::DataDir;
@@ -31,14 +33,19 @@ const POLL_CAP: Duration = Duration::from_millis(50);
 
 impl<C: ClusterStore> Node<C> {
     /// `volume create`.
-    pub async fn create_volume(self: &Arc<Self>, req: api::CreateVolume) -> Result<VolumeRecord, ApiError> {
+    pub async fn create_volume(
+        self: &Arc<Self>,
+        req: api::CreateVolume,
+    ) -> Result<VolumeRecord, ApiError> {
         check_size(req.size_bytes)?;
         let replicas = req.replicas.unwrap_or(1);
         if replicas == 0 {
             return Err(ApiError::bad_request("--replicas must be at least 1"));
         }
         if req.mode == Some(api::Mode::Async) {
-            return Err(ApiError::bad_request("--mode async (geographic replication) is not available in this build"));
+            return Err(ApiError::bad_request(
+                "--mode async (geographic replication) is not available in this build",
+            ));
         }
         let chosen = self.place(&req, replicas).await?;
         if replicas > 1 {
@@ -63,14 +70,21 @@ impl<C: ClusterStore> Node<C> {
             attachment: None,
             replicas_placed: chosen
                 .iter()
-                .map(|(id, name)| ReplicaRecord { node_id: id.clone(), node_name: name.clone(), state: ReplicaState::Creating })
+                .map(|(id, name)| ReplicaRecord {
+                    node_id: id.clone(),
+                    node_name: name.clone(),
+                    state: ReplicaState::Creating,
+                })
                 .collect(),
             resync_rate_bytes_per_s: None,
         };
         let rev = match self.catalog.put_volume(&rec, Expect::Absent).await {
             Ok(rev) => rev,
             Err(e) if e.is_conflict() => {
-                return Err(ApiError::new(ErrorCode::AlreadyExists, format!("volume {} already exists", req.name)))
+                return Err(ApiError::new(
+                    ErrorCode::AlreadyExists,
+                    format!("volume {} already exists", req.name),
+                ))
             }
             Err(e) => return Err(catalog_error(e)),
         };
@@ -86,14 +100,28 @@ impl<C: ClusterStore> Node<C> {
         } else {
             rec = self.wait_until_ready(&rec.name, rev).await?;
         }
-        let on = rec.replicas_placed.iter().map(|r| r.node_name.as_str()).collect::<Vec<_>>().join(", ");
-        let msg = format!("volume {} created ({}, replica on {on})", rec.name, format_size(rec.size_bytes));
-        self.event(Level::Info, "volume.created", Some(&rec.name), msg).await;
+        let on = rec
+            .replicas_placed
+            .iter()
+            .map(|r| r.node_name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let msg = format!(
+            "volume {} created ({}, replica on {on})",
+            rec.name,
+            format_size(rec.size_bytes)
+        );
+        self.event(Level::Info, "volume.created", Some(&rec.name), msg)
+            .await;
         Ok(rec)
     }
 
     /// Chooses nodes for `replicas` replicas by the request's policy.
-    async fn place(&self, req: &api::CreateVolume, replicas: u32) -> Result<Vec<(bw_types::NodeId, Name)>, ApiError> {
+    async fn place(
+        &self,
+        req: &api::CreateVolume,
+        replicas: u32,
+    ) -> Result<Vec<(bw_types::NodeId, Name)>, ApiError> {
         let nodes = self.node_records().await?;
         let alive = self.catalog.list_alive().await.map_err(catalog_error)?;
         let mut committed: std::collections::BTreeMap<bw_types::NodeId, u64> = Default::default();
@@ -115,7 +143,13 @@ impl<C: ClusterStore> Node<C> {
         if !self.cluster && candidates.is_empty() {
             let me = self.own_record();
             let committed_bytes = committed.get(&me.id).copied().unwrap_or(0);
-            candidates.push(Candidate { name: me.name.to_string(), alive: true, labels: me.labels, free_bytes: me.free_bytes, committed_bytes });
+            candidates.push(Candidate {
+                name: me.name.to_string(),
+                alive: true,
+                labels: me.labels,
+                free_bytes: me.free_bytes,
+                committed_bytes,
+            });
         }
         let policy = Policy {
             replicas,
@@ -127,24 +161,46 @@ impl<C: ClusterStore> Node<C> {
             Ok(n) => n,
             Err(e) => {
                 let msg = format!("volume {}: {e}", req.name);
-                self.event(Level::Warning, "volume.placement_failed", Some(&req.name), msg).await;
+                self.event(
+                    Level::Warning,
+                    "volume.placement_failed",
+                    Some(&req.name),
+                    msg,
+                )
+                .await;
                 return Err(ApiError::new(ErrorCode::NoSpace, e.to_string()));
             }
         };
-        let by_name = |n: &String| nodes.values().find(|r| r.name.as_str() == n).map(|r| (r.id.clone(), r.name.clone()));
-        Ok(names.iter().map(|n| by_name(n).unwrap_or_else(|| (self.me.id.clone(), self.me.name.clone()))).collect())
+        let by_name = |n: &String| {
+            nodes
+                .values()
+                .find(|r| r.name.as_str() == n)
+                .map(|r| (r.id.clone(), r.name.clone()))
+        };
+        Ok(names
+            .iter()
+            .map(|n| by_name(n).unwrap_or_else(|| (self.me.id.clone(), self.me.name.clone())))
+            .collect())
     }
 
     /// Waits for the placed node's reconciler to turn `creating` into `ready`; rolls the
     /// record back if it does not within [`REMOTE_ACTION_TIMEOUT`].
-    async fn wait_until_ready(&self, name: &Name, rev: catalog::Revision) -> Result<VolumeRecord, ApiError> {
+    async fn wait_until_ready(
+        &self,
+        name: &Name,
+        rev: catalog::Revision,
+    ) -> Result<VolumeRecord, ApiError> {
         let deadline = Instant::now() + REMOTE_ACTION_TIMEOUT;
         let mut pause = Duration::from_millis(10);
         while Instant::now() < deadline {
             match self.catalog.get_volume(name).await.map_err(catalog_error)? {
                 Some((r, _)) if r.state == VolumeState::Ready => return Ok(r),
                 Some(_) => {}
-                None => return Err(ApiError::internal(format!("volume {name} disappeared while being created"))),
+                None => {
+                    return Err(ApiError::internal(format!(
+                        "volume {name} disappeared while being created"
+                    )))
+                }
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(POLL_CAP);
@@ -152,7 +208,10 @@ impl<C: ClusterStore> Node<C> {
         let target = match self.catalog.get_volume(name).await.map_err(catalog_error)? {
             Some((r, rv)) if r.state == VolumeState::Creating && rv == rev => {
                 let _ = self.catalog.delete_volume(name, Expect::At(rev)).await;
-                r.replicas_placed.first().map(|p| p.node_name.to_string()).unwrap_or_default()
+                r.replicas_placed
+                    .first()
+                    .map(|p| p.node_name.to_string())
+                    .unwrap_or_default()
             }
             Some((r, _)) if r.state == VolumeState::Ready => return Ok(r),
             _ => String::new(),
@@ -164,7 +223,10 @@ impl<C: ClusterStore> Node<C> {
     }
 
     /// Creates this node's replica files of `rec` (idempotent) and opens the replica.
-    pub async fn materialize(self: &Arc<Self>, rec: &VolumeRecord) -> Result<Arc<Replica>, ApiError> {
+    pub async fn materialize(
+        self: &Arc<Self>,
+        rec: &VolumeRecord,
+    ) -> Result<Arc<Replica>, ApiError> {
         let _one_at_a_time = self.materialize_lock.lock().await;
         if let Some(r) = self.replica(&rec.id) {
             return Ok(r);
@@ -184,8 +246,18 @@ impl<C: ClusterStore> Node<C> {
         .await
         .map_err(internal("create the volume file"))?;
         if let Err(e) = made {
-            let code = if e.contains("No space left") || e.contains("quota") { ErrorCode::NoSpace } else { ErrorCode::Internal };
-            return Err(ApiError::new(code, format!("cannot create volume {} on node {}: {e}", rec.name, self.me.name)));
+            let code = if e.contains("No space left") || e.contains("quota") {
+                ErrorCode::NoSpace
+            } else {
+                ErrorCode::Internal
+            };
+            return Err(ApiError::new(
+                code,
+                format!(
+                    "cannot create volume {} on node {}: {e}",
+                    rec.name, self.me.name
+                ),
+            ));
         }
         self.open_replica(rec)
     }
@@ -196,14 +268,32 @@ impl<C: ClusterStore> Node<C> {
         let meta = store::default_meta_path(&path);
         Replica::create_meta(&meta).map_err(|e| ApiError::internal(error_chain(&e)))?;
         let on_error = self.error_callback(rec.name.clone());
-        let options = VolumeOptions { on_error: Some(on_error), ..VolumeOptions::default() };
-        let volume = LocalVolume::open(&path, rec.size_bytes, options)
-            .map_err(|e| ApiError::internal(format!("cannot open volume {}: {}", rec.name, error_chain(&e))))?;
-        let options = ReplicaOptions { on_advance: Some(self.advance_callback(rec.name.clone())) };
-        let replica = Replica::open(volume, &meta, options)
-            .map_err(|e| ApiError::internal(format!("cannot open replica of {}: {}", rec.name, error_chain(&e))))?;
+        let options = VolumeOptions {
+            on_error: Some(on_error),
+            ..VolumeOptions::default()
+        };
+        let volume = LocalVolume::open(&path, rec.size_bytes, options).map_err(|e| {
+            ApiError::internal(format!(
+                "cannot open volume {}: {}",
+                rec.name,
+                error_chain(&e)
+            ))
+        })?;
+        let options = ReplicaOptions {
+            on_advance: Some(self.advance_callback(rec.name.clone())),
+        };
+        let replica = Replica::open(volume, &meta, options).map_err(|e| {
+            ApiError::internal(format!(
+                "cannot open replica of {}: {}",
+                rec.name,
+                error_chain(&e)
+            ))
+        })?;
         let replica = Arc::new(replica);
-        self.replicas.lock().unwrap().insert(rec.id.clone(), replica.clone());
+        self.replicas
+            .lock()
+            .unwrap()
+            .insert(rec.id.clone(), replica.clone());
         Ok(replica)
     }
 
@@ -236,7 +326,10 @@ impl<C: ClusterStore> Node<C> {
         if let Some(held) = self.catalog.get_owner(name).await.map_err(catalog_error)? {
             if !force {
                 let holder = self.node_name(&held.holder).await;
-                let local = self.attachment(name).map(|a| a.usage_text()).unwrap_or_default();
+                let local = self
+                    .attachment(name)
+                    .map(|a| a.usage_text())
+                    .unwrap_or_default();
                 return Err(ApiError::new(
                     ErrorCode::InUse,
                     format!("volume {name} is in use: attached on node {holder} (generation {}){local}; use --force to disconnect and delete it", held.generation),
@@ -245,7 +338,10 @@ impl<C: ClusterStore> Node<C> {
         }
         if rec.state != VolumeState::Deleting {
             rec.state = VolumeState::Deleting;
-            self.catalog.put_volume(&rec, Expect::At(rev)).await.map_err(catalog_error)?;
+            self.catalog
+                .put_volume(&rec, Expect::At(rev))
+                .await
+                .map_err(catalog_error)?;
         }
         if self.attachment(name).is_some() {
             self.force_detach(name, "the volume is being deleted").await;
@@ -255,7 +351,13 @@ impl<C: ClusterStore> Node<C> {
         }
         self.wait_until_gone(name).await?;
         let how = if force { " (forced)" } else { "" };
-        self.event(Level::Info, "volume.deleted", Some(name), format!("volume {name} deleted{how}")).await;
+        self.event(
+            Level::Info,
+            "volume.deleted",
+            Some(name),
+            format!("volume {name} deleted{how}"),
+        )
+        .await;
         Ok(())
     }
 
@@ -264,7 +366,14 @@ impl<C: ClusterStore> Node<C> {
     pub async fn finish_local_delete(&self, rec: &VolumeRecord) -> Result<(), ApiError> {
         self.remove_replica_files(&rec.id).await?;
         for _ in 0..super::attach::CAS_RETRIES {
-            let Some((mut cur, rev)) = self.catalog.get_volume(&rec.name).await.map_err(catalog_error)? else { return Ok(()) };
+            let Some((mut cur, rev)) = self
+                .catalog
+                .get_volume(&rec.name)
+                .await
+                .map_err(catalog_error)?
+            else {
+                return Ok(());
+            };
             if cur.id != rec.id {
                 return Ok(());
             }
@@ -272,7 +381,10 @@ impl<C: ClusterStore> Node<C> {
             let r = if cur.replicas_placed.is_empty() {
                 self.catalog.delete_volume(&cur.name, Expect::At(rev)).await
             } else {
-                self.catalog.put_volume(&cur, Expect::At(rev)).await.map(|_| ())
+                self.catalog
+                    .put_volume(&cur, Expect::At(rev))
+                    .await
+                    .map(|_| ())
             };
             match r {
                 Ok(()) => return Ok(()),
@@ -280,16 +392,25 @@ impl<C: ClusterStore> Node<C> {
                 Err(e) => return Err(catalog_error(e)),
             }
         }
-        Err(ApiError::new(ErrorCode::Conflict, format!("volume {}: its record kept changing; try again", rec.name)))
+        Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("volume {}: its record kept changing; try again", rec.name),
+        ))
     }
 
     async fn wait_until_gone(&self, name: &Name) -> Result<(), ApiError> {
         let deadline = Instant::now() + REMOTE_ACTION_TIMEOUT;
         let mut pause = Duration::from_millis(10);
         loop {
-            let Some((r, _)) = self.catalog.get_volume(name).await.map_err(catalog_error)? else { return Ok(()) };
+            let Some((r, _)) = self.catalog.get_volume(name).await.map_err(catalog_error)? else {
+                return Ok(());
+            };
             if Instant::now() >= deadline {
-                let pending: Vec<&str> = r.replicas_placed.iter().map(|p| p.node_name.as_str()).collect();
+                let pending: Vec<&str> = r
+                    .replicas_placed
+                    .iter()
+                    .map(|p| p.node_name.as_str())
+                    .collect();
                 return Err(ApiError::new(
                     ErrorCode::Unavailable,
                     format!("volume {name} is marked for deletion, but node(s) {} have not removed their replica yet (down?); they will when they return", pending.join(", ")),
@@ -301,17 +422,28 @@ impl<C: ClusterStore> Node<C> {
     }
 
     /// `volume resize`: grow only.
-    pub async fn resize_volume(&self, name: &Name, size_bytes: u64) -> Result<VolumeRecord, ApiError> {
+    pub async fn resize_volume(
+        &self,
+        name: &Name,
+        size_bytes: u64,
+    ) -> Result<VolumeRecord, ApiError> {
         check_size(size_bytes)?;
         let _ops = self.ops_lock.lock().await;
         let (mut rec, rev) = self.get_record(name).await?;
         if rec.state != VolumeState::Ready {
-            return Err(ApiError::new(ErrorCode::Conflict, format!("volume {name} is not ready ({:?})", rec.state)));
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("volume {name} is not ready ({:?})", rec.state),
+            ));
         }
         if size_bytes < rec.size_bytes {
             return Err(ApiError::new(
                 ErrorCode::InvalidSize,
-                format!("volume {name} is {}; shrinking to {} is not supported (it would discard data)", format_size(rec.size_bytes), format_size(size_bytes)),
+                format!(
+                    "volume {name} is {}; shrinking to {} is not supported (it would discard data)",
+                    format_size(rec.size_bytes),
+                    format_size(size_bytes)
+                ),
             ));
         }
         if size_bytes == rec.size_bytes {
@@ -319,21 +451,40 @@ impl<C: ClusterStore> Node<C> {
         }
         if let Some(replica) = self.replica(&rec.id) {
             let path = self.volume_path(&rec.id);
-            let grown = tokio::task::spawn_blocking(move || store::grow_volume_file(&path, size_bytes))
-                .await
-                .map_err(internal("grow the volume file"))?;
+            let grown =
+                tokio::task::spawn_blocking(move || store::grow_volume_file(&path, size_bytes))
+                    .await
+                    .map_err(internal("grow the volume file"))?;
             if let Err(e) = grown {
                 let msg = error_chain(&e);
-                let code = if msg.contains("No space left") { ErrorCode::NoSpace } else { ErrorCode::Internal };
-                return Err(ApiError::new(code, format!("cannot grow volume {name}: {msg}")));
+                let code = if msg.contains("No space left") {
+                    ErrorCode::NoSpace
+                } else {
+                    ErrorCode::Internal
+                };
+                return Err(ApiError::new(
+                    code,
+                    format!("cannot grow volume {name}: {msg}"),
+                ));
             }
-            replica.volume().set_size(size_bytes).map_err(|e| ApiError::internal(e.to_string()))?;
+            replica
+                .volume()
+                .set_size(size_bytes)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
         }
         let old = rec.size_bytes;
         rec.size_bytes = size_bytes;
-        self.catalog.put_volume(&rec, Expect::At(rev)).await.map_err(catalog_error)?;
-        let msg = format!("volume {name} grown from {} to {}", format_size(old), format_size(size_bytes));
-        self.event(Level::Info, "volume.resized", Some(name), msg).await;
+        self.catalog
+            .put_volume(&rec, Expect::At(rev))
+            .await
+            .map_err(catalog_error)?;
+        let msg = format!(
+            "volume {name} grown from {} to {}",
+            format_size(old),
+            format_size(size_bytes)
+        );
+        self.event(Level::Info, "volume.resized", Some(name), msg)
+            .await;
         Ok(rec)
     }
 
@@ -359,7 +510,9 @@ impl<C: ClusterStore> Node<C> {
                 let msg = format!("volume {name}: generation {new} was admitted by the replica on node {}; the older attachment here is fenced", node.me.name);
                 node.event_later(Level::Warning, "volume.fenced", Some(name.clone()), msg);
                 let (n, name) = (node.clone(), name.clone());
-                node.runtime.spawn(async move { n.force_detach(&name, "fenced by a newer generation").await });
+                node.runtime.spawn(async move {
+                    n.force_detach(&name, "fenced by a newer generation").await
+                });
             }
         })
     }

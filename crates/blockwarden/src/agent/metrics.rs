@@ -42,20 +42,53 @@ pub async fn render<C: ClusterStore>(node: &Node<C>) -> String {
          # HELP blockwarden_replica_syncs_total fdatasync calls made for the replica.\n# TYPE blockwarden_replica_syncs_total counter\n\
          # HELP blockwarden_volume_connections Open NBD connections to a volume attached here.\n# TYPE blockwarden_volume_connections gauge\n",
     );
-    let replicas: Vec<_> = node.replicas.lock().unwrap().iter().map(|(id, r)| (id.clone(), r.clone())).collect();
+    let replicas: Vec<_> = node
+        .replicas
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, r)| (id.clone(), r.clone()))
+        .collect();
     for (id, r) in &replicas {
         let l = format!("volume_id=\"{id}\"");
-        let _ = writeln!(out, "blockwarden_replica_size_bytes{{{l}}} {}", bw_types::BlockDevice::size_bytes(r.volume()));
-        let _ = writeln!(out, "blockwarden_replica_faulted{{{l}}} {}", u8::from(r.volume().fault_reason().is_some()));
-        let _ = writeln!(out, "blockwarden_replica_generation{{{l}}} {}", r.highest().0);
-        let _ = writeln!(out, "blockwarden_replica_syncs_total{{{l}}} {}", r.volume().stats().syncs);
+        let _ = writeln!(
+            out,
+            "blockwarden_replica_size_bytes{{{l}}} {}",
+            bw_types::BlockDevice::size_bytes(r.volume())
+        );
+        let _ = writeln!(
+            out,
+            "blockwarden_replica_faulted{{{l}}} {}",
+            u8::from(r.volume().fault_reason().is_some())
+        );
+        let _ = writeln!(
+            out,
+            "blockwarden_replica_generation{{{l}}} {}",
+            r.highest().0
+        );
+        let _ = writeln!(
+            out,
+            "blockwarden_replica_syncs_total{{{l}}} {}",
+            r.volume().stats().syncs
+        );
     }
     let attachments: Vec<_> = node.attachments.lock().unwrap().values().cloned().collect();
     for a in &attachments {
-        let _ = writeln!(out, "blockwarden_volume_connections{{volume=\"{}\"}} {}", a.name, a.usage().connections);
+        let _ = writeln!(
+            out,
+            "blockwarden_volume_connections{{volume=\"{}\"}} {}",
+            a.name,
+            a.usage().connections
+        );
     }
     bw_types::metrics::render_headers(&mut out);
-    let metrics: Vec<_> = node.metrics.lock().unwrap().iter().map(|(n, m)| (n.clone(), m.clone())).collect();
+    let metrics: Vec<_> = node
+        .metrics
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, m)| (n.clone(), m.clone()))
+        .collect();
     for (name, m) in &metrics {
         m.render(name.as_str(), &mut out);
     }

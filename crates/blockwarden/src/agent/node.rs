@@ -73,10 +73,19 @@ pub struct Node<C: ClusterStore> {
 }
 
 impl<C: ClusterStore> Node<C> {
-    pub fn new(config: AgentConfig, data: &DataDir, catalog: Arc<C>, node_id: String, session: Arc<Session>) -> Node<C> {
+    pub fn new(
+        config: AgentConfig,
+        data: &DataDir,
+        catalog: Arc<C>,
+        node_id: String,
+        session: Arc<Session>,
+    ) -> Node<C> {
         let name = Name::new(&config.node_name).expect("validated in config");
         Node {
-            me: Me { id: NodeId(node_id), name },
+            me: Me {
+                id: NodeId(node_id),
+                name,
+            },
             volumes_dir: data.volumes_dir(),
             cluster: !config.etcd.is_empty(),
             hooks: Arc::new(AlertHook::new(config.alert_command.clone())),
@@ -113,7 +122,12 @@ impl<C: ClusterStore> Node<C> {
     }
 
     pub fn metrics_for(&self, name: &Name) -> Arc<IoMetrics> {
-        self.metrics.lock().unwrap().entry(name.clone()).or_default().clone()
+        self.metrics
+            .lock()
+            .unwrap()
+            .entry(name.clone())
+            .or_default()
+            .clone()
     }
 
     /// Appends an event to the history, logs it and runs the alert hook. Never fails the
@@ -131,12 +145,22 @@ impl<C: ClusterStore> Node<C> {
     }
 
     /// [`Node::event`] from synchronous code (completion callbacks, drops).
-    pub fn event_later(self: &Arc<Self>, level: Level, kind: &'static str, volume: Option<Name>, message: String) {
+    pub fn event_later(
+        self: &Arc<Self>,
+        level: Level,
+        kind: &'static str,
+        volume: Option<Name>,
+        message: String,
+    ) {
         let node = self.clone();
-        self.runtime.spawn(async move { node.event(level, kind, volume.as_ref(), message).await });
+        self.runtime
+            .spawn(async move { node.event(level, kind, volume.as_ref(), message).await });
     }
 
-    pub async fn get_record(&self, name: &Name) -> Result<(VolumeRecord, catalog::Revision), ApiError> {
+    pub async fn get_record(
+        &self,
+        name: &Name,
+    ) -> Result<(VolumeRecord, catalog::Revision), ApiError> {
         self.catalog
             .get_volume(name)
             .await
@@ -153,7 +177,13 @@ impl<C: ClusterStore> Node<C> {
     /// This node's record as it should be published now.
     pub fn own_record(&self) -> NodeRecord {
         let (capacity, free) = fs_space(&self.volumes_dir);
-        let replicas = self.replicas.lock().unwrap().iter().map(|(id, r)| (id.0.clone(), super::reconcile::report(r))).collect();
+        let replicas = self
+            .replicas
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, r)| (id.0.clone(), super::reconcile::report(r)))
+            .collect();
         NodeRecord {
             id: self.me.id.clone(),
             name: self.me.name.clone(),
@@ -172,14 +202,23 @@ impl<C: ClusterStore> Node<C> {
 
 pub fn check_size(size: u64) -> Result<(), ApiError> {
     if size == 0 {
-        return Err(ApiError::new(ErrorCode::InvalidSize, "size must be greater than 0"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidSize,
+            "size must be greater than 0",
+        ));
     }
     if !size.is_multiple_of(SIZE_ALIGN_BYTES) {
-        return Err(ApiError::new(ErrorCode::InvalidSize, format!("size {size} is not a multiple of {SIZE_ALIGN_BYTES} bytes")));
+        return Err(ApiError::new(
+            ErrorCode::InvalidSize,
+            format!("size {size} is not a multiple of {SIZE_ALIGN_BYTES} bytes"),
+        ));
     }
     if size > store::MAX_VOLUME_BYTES {
         let max = store::MAX_VOLUME_BYTES;
-        return Err(ApiError::new(ErrorCode::InvalidSize, format!("size {size} is larger than the largest volume ({max} bytes)")));
+        return Err(ApiError::new(
+            ErrorCode::InvalidSize,
+            format!("size {size} is larger than the largest volume ({max} bytes)"),
+        ));
     }
     Ok(())
 }
@@ -197,7 +236,9 @@ pub fn catalog_error(e: catalog::CatalogError) -> ApiError {
 pub fn attach_error(e: AttachError) -> ApiError {
     match e {
         AttachError::NotFound(_) => ApiError::not_found(e.to_string()),
-        AttachError::Held(_) | AttachError::Deleting(_) => ApiError::new(ErrorCode::InUse, e.to_string()),
+        AttachError::Held(_) | AttachError::Deleting(_) => {
+            ApiError::new(ErrorCode::InUse, e.to_string())
+        }
         AttachError::NotReady(_) | AttachError::NoSession | AttachError::Replica(_) => {
             ApiError::new(ErrorCode::Unavailable, e.to_string())
         }
@@ -221,7 +262,9 @@ pub fn log_event(level: Level, kind: &str, volume: Option<&str>, message: &str) 
 /// Capacity and free bytes of the file system holding `path`.
 pub fn fs_space(path: &std::path::Path) -> (u64, u64) {
     use std::os::unix::ffi::OsStrExt as _;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return (0, 0) };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return (0, 0);
+    };
     // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {

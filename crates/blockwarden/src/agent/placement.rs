@@ -57,7 +57,12 @@ pub struct PlacementError {
 
 impl std::fmt::Display for PlacementError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cannot place {} replica(s): only {} node(s) qualify", self.wanted, self.chosen.len())?;
+        write!(
+            f,
+            "cannot place {} replica(s): only {} node(s) qualify",
+            self.wanted,
+            self.chosen.len()
+        )?;
         if !self.chosen.is_empty() {
             write!(f, " ({})", self.chosen.join(", "))?;
         }
@@ -74,8 +79,12 @@ impl std::fmt::Display for PlacementError {
 /// Chooses `policy.replicas` nodes, or explains why not.
 pub fn place(candidates: &[Candidate], policy: &Policy) -> Result<Vec<String>, PlacementError> {
     let mut excluded = Vec::new();
-    let unknown_pins: Vec<String> =
-        policy.pinned.iter().filter(|p| !candidates.iter().any(|c| &&c.name == p)).cloned().collect();
+    let unknown_pins: Vec<String> = policy
+        .pinned
+        .iter()
+        .filter(|p| !candidates.iter().any(|c| &&c.name == p))
+        .cloned()
+        .collect();
     let mut eligible: Vec<&Candidate> = Vec::new();
     for c in candidates {
         let why = if !policy.pinned.is_empty() && !policy.pinned.contains(&c.name) {
@@ -83,9 +92,16 @@ pub fn place(candidates: &[Candidate], policy: &Policy) -> Result<Vec<String>, P
         } else if !c.alive {
             Some("down".to_owned())
         } else if c.free_bytes < policy.size_bytes {
-            Some(format!("only {} free, the volume needs {}", format_size(c.free_bytes), format_size(policy.size_bytes)))
+            Some(format!(
+                "only {} free, the volume needs {}",
+                format_size(c.free_bytes),
+                format_size(policy.size_bytes)
+            ))
         } else {
-            let missing = policy.spread.as_ref().filter(|l| !c.labels.contains_key(*l));
+            let missing = policy
+                .spread
+                .as_ref()
+                .filter(|l| !c.labels.contains_key(*l));
             missing.map(|label| format!("no label {label} (needed by --spread {label})"))
         };
         match why {
@@ -95,9 +111,19 @@ pub fn place(candidates: &[Candidate], policy: &Policy) -> Result<Vec<String>, P
     }
     // Pinned nodes in the order given, then the rest by free space (ties by name, stable).
     eligible.sort_by(|a, b| {
-        let pa = policy.pinned.iter().position(|p| *p == a.name).unwrap_or(usize::MAX);
-        let pb = policy.pinned.iter().position(|p| *p == b.name).unwrap_or(usize::MAX);
-        pa.cmp(&pb).then(b.headroom().cmp(&a.headroom())).then(a.name.cmp(&b.name))
+        let pa = policy
+            .pinned
+            .iter()
+            .position(|p| *p == a.name)
+            .unwrap_or(usize::MAX);
+        let pb = policy
+            .pinned
+            .iter()
+            .position(|p| *p == b.name)
+            .unwrap_or(usize::MAX);
+        pa.cmp(&pb)
+            .then(b.headroom().cmp(&a.headroom()))
+            .then(a.name.cmp(&b.name))
     });
     let mut chosen = Vec::new();
     let mut used_values = BTreeSet::new();
@@ -108,7 +134,10 @@ pub fn place(candidates: &[Candidate], policy: &Policy) -> Result<Vec<String>, P
         if let Some(label) = &policy.spread {
             let v = &c.labels[label];
             if !used_values.insert(v.clone()) {
-                excluded.push((c.name.clone(), format!("{label}={v} already holds a replica")));
+                excluded.push((
+                    c.name.clone(),
+                    format!("{label}={v} already holds a replica"),
+                ));
                 continue;
             }
         }
@@ -118,7 +147,12 @@ pub fn place(candidates: &[Candidate], policy: &Policy) -> Result<Vec<String>, P
         return Ok(chosen);
     }
     excluded.sort();
-    Err(PlacementError { wanted: policy.replicas, chosen, excluded, unknown_pins })
+    Err(PlacementError {
+        wanted: policy.replicas,
+        chosen,
+        excluded,
+        unknown_pins,
+    })
 }
 
 #[cfg(test)]
@@ -130,29 +164,54 @@ mod tests {
         if let Some(r) = room {
             labels.insert("room".to_owned(), r.to_owned());
         }
-        Candidate { name: name.into(), alive, labels, free_bytes: free_gib << 30, committed_bytes: 0 }
+        Candidate {
+            name: name.into(),
+            alive,
+            labels,
+            free_bytes: free_gib << 30,
+            committed_bytes: 0,
+        }
     }
 
     fn policy(replicas: u32, spread: Option<&str>, pinned: &[&str]) -> Policy {
-        Policy { replicas, size_bytes: 1 << 30, spread: spread.map(Into::into), pinned: pinned.iter().map(|s| (*s).into()).collect() }
+        Policy {
+            replicas,
+            size_bytes: 1 << 30,
+            spread: spread.map(Into::into),
+            pinned: pinned.iter().map(|s| (*s).into()).collect(),
+        }
     }
 
     // Goal: most free space first, distinct spread values, pins honoured and ordered.
     #[test]
     fn chooses_by_free_space_spread_and_pins() {
-        let nodes = [node("n1", 10, Some("a"), true), node("n2", 50, Some("a"), true), node("n3", 20, Some("b"), true)];
+        let nodes = [
+            node("n1", 10, Some("a"), true),
+            node("n2", 50, Some("a"), true),
+            node("n3", 20, Some("b"), true),
+        ];
         assert_eq!(place(&nodes, &policy(1, None, &[])).unwrap(), ["n2"]);
         assert_eq!(place(&nodes, &policy(2, None, &[])).unwrap(), ["n2", "n3"]);
-        assert_eq!(place(&nodes, &policy(2, Some("room"), &[])).unwrap(), ["n2", "n3"]);
+        assert_eq!(
+            place(&nodes, &policy(2, Some("room"), &[])).unwrap(),
+            ["n2", "n3"]
+        );
         assert_eq!(place(&nodes, &policy(1, None, &["n1"])).unwrap(), ["n1"]);
-        assert_eq!(place(&nodes, &policy(2, None, &["n3", "n1"])).unwrap(), ["n3", "n1"]);
+        assert_eq!(
+            place(&nodes, &policy(2, None, &["n3", "n1"])).unwrap(),
+            ["n3", "n1"]
+        );
     }
 
     // Goal: thin provisioning spreads a fresh cluster: equal free space, so the node with
     // less already placed on it wins.
     #[test]
     fn provisioned_bytes_break_free_space_ties() {
-        let mut nodes = [node("n1", 50, None, true), node("n2", 50, None, true), node("n3", 50, None, true)];
+        let mut nodes = [
+            node("n1", 50, None, true),
+            node("n2", 50, None, true),
+            node("n3", 50, None, true),
+        ];
         // A few MiB of difference in reported free space is noise, not a reason to prefer n3.
         nodes[2].free_bytes += 5 << 20;
         nodes[0].committed_bytes = 16 << 20;
@@ -167,19 +226,33 @@ mod tests {
     // Goal: an impossible policy names every node and the reason it was left out.
     #[test]
     fn impossible_policies_explain_every_node() {
-        let nodes = [node("n1", 10, Some("a"), true), node("n2", 50, Some("a"), true), node("n3", 20, None, false)];
+        let nodes = [
+            node("n1", 10, Some("a"), true),
+            node("n2", 50, Some("a"), true),
+            node("n3", 20, None, false),
+        ];
         let e = place(&nodes, &policy(2, Some("room"), &[])).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("cannot place 2 replica(s): only 1 node(s) qualify (n2)"), "{msg}");
+        assert!(
+            msg.contains("cannot place 2 replica(s): only 1 node(s) qualify (n2)"),
+            "{msg}"
+        );
         assert!(msg.contains("n1: room=a already holds a replica"), "{msg}");
         assert!(msg.contains("n3: down"), "{msg}");
-        let e = place(&nodes, &policy(1, None, &["n9"])).unwrap_err().to_string();
+        let e = place(&nodes, &policy(1, None, &["n9"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--node n9: no such node"), "{e}");
         let mut big = policy(1, None, &[]);
         big.size_bytes = 100 << 30;
         let e = place(&nodes, &big).unwrap_err().to_string();
-        assert!(e.contains("n2: only 50 GiB free, the volume needs 100 GiB"), "{e}");
-        let e = place(&nodes[..2], &policy(1, Some("rack"), &[])).unwrap_err().to_string();
+        assert!(
+            e.contains("n2: only 50 GiB free, the volume needs 100 GiB"),
+            "{e}"
+        );
+        let e = place(&nodes[..2], &policy(1, Some("rack"), &[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("n1: no label rack"), "{e}");
     }
 }

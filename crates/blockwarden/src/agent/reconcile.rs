@@ -5,7 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use catalog::{ClusterStore, Level, Prefix, ReplicaReport, ReplicaState, Revision, VolumeRecord, VolumeState, WatchEvent};
+use catalog::{
+    ClusterStore, Level, Prefix, ReplicaReport, ReplicaState, Revision, VolumeRecord, VolumeState,
+    WatchEvent,
+};
 use store::Replica;
 use tokio::sync::watch;
 
@@ -24,7 +27,11 @@ pub fn report(r: &Replica) -> ReplicaReport {
     let fault = r.volume().fault_reason();
     ReplicaReport {
         volume: String::new(),
-        state: if fault.is_some() { "faulted".into() } else { "in_sync".into() },
+        state: if fault.is_some() {
+            "faulted".into()
+        } else {
+            "in_sync".into()
+        },
         size_bytes: bw_types::BlockDevice::size_bytes(r.volume()),
         generation: r.highest().0,
         error: fault,
@@ -32,7 +39,11 @@ pub fn report(r: &Replica) -> ReplicaReport {
 }
 
 /// Grants a lease, registers this node as alive and publishes its record.
-pub async fn start_session<C: ClusterStore>(catalog: &C, node_id: &bw_types::NodeId, ttl: Duration) -> Result<Arc<Session>, catalog::CatalogError> {
+pub async fn start_session<C: ClusterStore>(
+    catalog: &C,
+    node_id: &bw_types::NodeId,
+    ttl: Duration,
+) -> Result<Arc<Session>, catalog::CatalogError> {
     let sent = Instant::now();
     let lease = catalog.grant(ttl).await?;
     catalog.register_alive(node_id, lease.id).await?;
@@ -41,7 +52,10 @@ pub async fn start_session<C: ClusterStore>(catalog: &C, node_id: &bw_types::Nod
 
 /// Renews the session; when the lease is lost, voids every attachment and starts a new
 /// session (retrying until the store answers or shutdown).
-pub async fn session_supervisor<C: ClusterStore>(node: Arc<Node<C>>, shutdown: watch::Receiver<bool>) {
+pub async fn session_supervisor<C: ClusterStore>(
+    node: Arc<Node<C>>,
+    shutdown: watch::Receiver<bool>,
+) {
     let mut watchdog_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let session = node.session();
@@ -71,8 +85,12 @@ pub async fn session_supervisor<C: ClusterStore>(node: Arc<Node<C>>, shutdown: w
             match start_session(&*node.catalog, &node.me.id, node.config.lease_ttl).await {
                 Ok(s) => {
                     *node.session.lock().unwrap() = s;
-                    let msg = format!("node {} started a new session after losing its lease", node.me.name);
-                    node.event(Level::Warning, "node.session_renewed", None, msg).await;
+                    let msg = format!(
+                        "node {} started a new session after losing its lease",
+                        node.me.name
+                    );
+                    node.event(Level::Warning, "node.session_renewed", None, msg)
+                        .await;
                     break;
                 }
                 Err(e) => {
@@ -91,14 +109,21 @@ pub async fn session_supervisor<C: ClusterStore>(node: Arc<Node<C>>, shutdown: w
 async fn void_attachments<C: ClusterStore>(node: &Arc<Node<C>>) {
     let names: Vec<_> = node.attachments.lock().unwrap().keys().cloned().collect();
     for name in names {
-        let msg = format!("volume {name}: attachment on node {} lost with the node's lease", node.me.name);
-        node.event(Level::Error, "volume.lease_lost", Some(&name), msg).await;
+        let msg = format!(
+            "volume {name}: attachment on node {} lost with the node's lease",
+            node.me.name
+        );
+        node.event(Level::Error, "volume.lease_lost", Some(&name), msg)
+            .await;
         node.force_detach(&name, "lease lost").await;
     }
 }
 
 /// Publishes this node's record every [`HEARTBEAT_INTERVAL`].
-pub async fn heartbeat_loop<C: ClusterStore>(node: Arc<Node<C>>, mut shutdown: watch::Receiver<bool>) {
+pub async fn heartbeat_loop<C: ClusterStore>(
+    node: Arc<Node<C>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let mut rec = node.own_record();
         for (id, r) in rec.replicas.iter_mut() {
@@ -115,7 +140,10 @@ pub async fn heartbeat_loop<C: ClusterStore>(node: Arc<Node<C>>, mut shutdown: w
 }
 
 /// Makes this node's replicas match the catalog, from a full listing and then a watch.
-pub async fn reconcile_loop<C: ClusterStore>(node: Arc<Node<C>>, mut shutdown: watch::Receiver<bool>) {
+pub async fn reconcile_loop<C: ClusterStore>(
+    node: Arc<Node<C>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (rows, rev) = match node.catalog.list_at(Prefix::Volumes).await {
             Ok(x) => x,
@@ -131,7 +159,9 @@ pub async fn reconcile_loop<C: ClusterStore>(node: Arc<Node<C>>, mut shutdown: w
                 log::warn!("reconcile: undecodable record {key}");
             }
         }
-        let mut events = node.catalog.watch_prefix(Prefix::Volumes, Revision(rev.0 + 1));
+        let mut events = node
+            .catalog
+            .watch_prefix(Prefix::Volumes, Revision(rev.0 + 1));
         loop {
             let ev: WatchEvent = tokio::select! {
                 e = events.recv() => match e { Some(e) => e, None => break },
@@ -154,7 +184,8 @@ async fn apply<C: ClusterStore>(node: &Arc<Node<C>>, rec: &VolumeRecord) {
     let local = node.replica(&rec.id);
     if rec.state == VolumeState::Deleting {
         if node.attachment(&rec.name).is_some() {
-            node.force_detach(&rec.name, "the volume is being deleted").await;
+            node.force_detach(&rec.name, "the volume is being deleted")
+                .await;
         }
         if placed_here.is_some() {
             if let Err(e) = node.finish_local_delete(rec).await {
@@ -169,15 +200,22 @@ async fn apply<C: ClusterStore>(node: &Arc<Node<C>>, rec: &VolumeRecord) {
             match node.materialize(rec).await {
                 Ok(_) => mark_created(node, rec).await,
                 Err(e) => {
-                    let msg = format!("volume {}: cannot create the replica on node {}: {}", rec.name, node.me.name, e.message);
-                    node.event(Level::Error, "volume.create_failed", Some(&rec.name), msg).await;
+                    let msg = format!(
+                        "volume {}: cannot create the replica on node {}: {}",
+                        rec.name, node.me.name, e.message
+                    );
+                    node.event(Level::Error, "volume.create_failed", Some(&rec.name), msg)
+                        .await;
                 }
             }
         }
-        (VolumeState::Ready, Some(r)) if bw_types::BlockDevice::size_bytes(r.volume()) < rec.size_bytes => {
+        (VolumeState::Ready, Some(r))
+            if bw_types::BlockDevice::size_bytes(r.volume()) < rec.size_bytes =>
+        {
             let path = node.volume_path(&rec.id);
             let size = rec.size_bytes;
-            let grown = tokio::task::spawn_blocking(move || store::grow_volume_file(&path, size)).await;
+            let grown =
+                tokio::task::spawn_blocking(move || store::grow_volume_file(&path, size)).await;
             match grown {
                 Ok(Ok(())) => {
                     let _ = r.volume().set_size(size);
@@ -193,17 +231,31 @@ async fn apply<C: ClusterStore>(node: &Arc<Node<C>>, rec: &VolumeRecord) {
 /// Marks this node's replica created; the volume is ready once every replica is.
 pub async fn mark_created<C: ClusterStore>(node: &Node<C>, rec: &VolumeRecord) {
     for _ in 0..super::attach::CAS_RETRIES {
-        let Ok(Some((mut cur, rev))) = node.catalog.get_volume(&rec.name).await else { return };
+        let Ok(Some((mut cur, rev))) = node.catalog.get_volume(&rec.name).await else {
+            return;
+        };
         if cur.id != rec.id || cur.state != VolumeState::Creating {
             return;
         }
-        for r in cur.replicas_placed.iter_mut().filter(|r| r.node_id == node.me.id) {
+        for r in cur
+            .replicas_placed
+            .iter_mut()
+            .filter(|r| r.node_id == node.me.id)
+        {
             r.state = ReplicaState::InSync;
         }
-        if cur.replicas_placed.iter().all(|r| r.state == ReplicaState::InSync) {
+        if cur
+            .replicas_placed
+            .iter()
+            .all(|r| r.state == ReplicaState::InSync)
+        {
             cur.state = VolumeState::Ready;
         }
-        match node.catalog.put_volume(&cur, catalog::Expect::At(rev)).await {
+        match node
+            .catalog
+            .put_volume(&cur, catalog::Expect::At(rev))
+            .await
+        {
             Ok(_) => return,
             Err(e) if e.is_conflict() => continue,
             Err(e) => {
@@ -216,7 +268,10 @@ pub async fn mark_created<C: ClusterStore>(node: &Node<C>, rec: &VolumeRecord) {
 
 /// Emits `node.up` / `node.down` events. Every node sees the same changes, so only the alive
 /// node with the smallest id reports them (one event per change, not one per observer).
-pub async fn membership_loop<C: ClusterStore>(node: Arc<Node<C>>, mut shutdown: watch::Receiver<bool>) {
+pub async fn membership_loop<C: ClusterStore>(
+    node: Arc<Node<C>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (rows, rev) = match node.catalog.list_at(Prefix::Alive).await {
             Ok(x) => x,
@@ -224,22 +279,39 @@ pub async fn membership_loop<C: ClusterStore>(node: Arc<Node<C>>, mut shutdown: 
                 tokio::select! { _ = tokio::time::sleep(RETRY_PAUSE) => continue, _ = shutdown.changed() => return }
             }
         };
-        let mut alive: std::collections::BTreeSet<String> =
-            rows.iter().filter_map(|(k, _, _)| k.as_str().rsplit('/').next().map(str::to_owned)).collect();
-        let mut events = node.catalog.watch_prefix(Prefix::Alive, Revision(rev.0 + 1));
+        let mut alive: std::collections::BTreeSet<String> = rows
+            .iter()
+            .filter_map(|(k, _, _)| k.as_str().rsplit('/').next().map(str::to_owned))
+            .collect();
+        let mut events = node
+            .catalog
+            .watch_prefix(Prefix::Alive, Revision(rev.0 + 1));
         loop {
             let ev = tokio::select! {
                 e = events.recv() => match e { Some(e) => e, None => break },
                 _ = shutdown.changed() => return,
             };
-            let Some(id) = ev.key.as_str().rsplit('/').next().map(str::to_owned) else { continue };
-            let changed = if ev.deleted { alive.remove(&id) } else { alive.insert(id.clone()) };
-            let reporter = alive.iter().next().is_some_and(|first| *first == node.me.id.0);
+            let Some(id) = ev.key.as_str().rsplit('/').next().map(str::to_owned) else {
+                continue;
+            };
+            let changed = if ev.deleted {
+                alive.remove(&id)
+            } else {
+                alive.insert(id.clone())
+            };
+            let reporter = alive
+                .iter()
+                .next()
+                .is_some_and(|first| *first == node.me.id.0);
             if changed && reporter && id != node.me.id.0 {
                 let name = node.node_name(&bw_types::NodeId(id.clone())).await;
-                let (level, kind, what) =
-                    if ev.deleted { (Level::Warning, "node.down", "is down (its lease expired)") } else { (Level::Info, "node.up", "is up") };
-                node.event(level, kind, None, format!("node {name} {what}")).await;
+                let (level, kind, what) = if ev.deleted {
+                    (Level::Warning, "node.down", "is down (its lease expired)")
+                } else {
+                    (Level::Info, "node.up", "is up")
+                };
+                node.event(level, kind, None, format!("node {name} {what}"))
+                    .await;
             }
         }
         tokio::time::sleep(RETRY_PAUSE).await;

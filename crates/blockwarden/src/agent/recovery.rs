@@ -36,11 +36,20 @@ pub async fn recover<C: ClusterStore>(node: &Arc<Node<C>>) -> Result<Vec<VolumeR
     if removed_tmp > 0 {
         log::info!("removed {removed_tmp} temporary file(s) left by an interrupted create");
     }
-    let records = node.catalog.list_volumes().await.context("cannot read the catalog")?;
+    let records = node
+        .catalog
+        .list_volumes()
+        .await
+        .context("cannot read the catalog")?;
     let mut known = HashSet::new();
     let mut reattach = Vec::new();
     for (rec, rev) in records {
-        if rec.attachment.as_ref().is_some_and(|a| a.explicit && a.node_id == node.me.id) && rec.state == VolumeState::Ready {
+        if rec
+            .attachment
+            .as_ref()
+            .is_some_and(|a| a.explicit && a.node_id == node.me.id)
+            && rec.state == VolumeState::Ready
+        {
             reattach.push(rec.clone());
         }
         if !rec.replicas_placed.iter().any(|r| r.node_id == node.me.id) {
@@ -50,17 +59,25 @@ pub async fn recover<C: ClusterStore>(node: &Arc<Node<C>>) -> Result<Vec<VolumeR
         known.insert(file.clone());
         match rec.state {
             VolumeState::Creating if !node.cluster => {
-                node.remove_replica_files(&rec.id).await.map_err(|e| anyhow::anyhow!(e.message))?;
-                node.catalog.delete_volume(&rec.name, Expect::At(rev)).await?;
+                node.remove_replica_files(&rec.id)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.message))?;
+                node.catalog
+                    .delete_volume(&rec.name, Expect::At(rev))
+                    .await?;
                 let msg = format!("volume {}: rolled back an interrupted create", rec.name);
-                node.event(Level::Warning, "volume.recovered", Some(&rec.name), msg).await;
+                node.event(Level::Warning, "volume.recovered", Some(&rec.name), msg)
+                    .await;
                 continue;
             }
             VolumeState::Creating => continue,
             VolumeState::Deleting => {
-                node.finish_local_delete(&rec).await.map_err(|e| anyhow::anyhow!(e.message))?;
+                node.finish_local_delete(&rec)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.message))?;
                 let msg = format!("volume {}: finished an interrupted delete", rec.name);
-                node.event(Level::Warning, "volume.recovered", Some(&rec.name), msg).await;
+                node.event(Level::Warning, "volume.recovered", Some(&rec.name), msg)
+                    .await;
                 continue;
             }
             VolumeState::Ready => {}
@@ -71,18 +88,33 @@ pub async fn recover<C: ClusterStore>(node: &Arc<Node<C>>) -> Result<Vec<VolumeR
                 let f = OpenOptions::new().write(true).open(&path)?;
                 f.set_len(rec.size_bytes)?;
                 f.sync_all()?;
-                let msg = format!("volume {}: rolled back an interrupted resize to {} bytes", rec.name, rec.size_bytes);
-                node.event(Level::Warning, "volume.recovered", Some(&rec.name), msg).await;
+                let msg = format!(
+                    "volume {}: rolled back an interrupted resize to {} bytes",
+                    rec.name, rec.size_bytes
+                );
+                node.event(Level::Warning, "volume.recovered", Some(&rec.name), msg)
+                    .await;
             }
             Ok(_) => {}
             Err(e) => {
-                let msg = format!("volume {}: data file {} cannot be opened ({e}); the replica is not served", rec.name, path.display());
-                node.event(Level::Error, "volume.missing_file", Some(&rec.name), msg).await;
+                let msg = format!(
+                    "volume {}: data file {} cannot be opened ({e}); the replica is not served",
+                    rec.name,
+                    path.display()
+                );
+                node.event(Level::Error, "volume.missing_file", Some(&rec.name), msg)
+                    .await;
                 continue;
             }
         }
         if let Err(e) = node.open_replica(&rec) {
-            node.event(Level::Error, "volume.open_failed", Some(&rec.name), e.message).await;
+            node.event(
+                Level::Error,
+                "volume.open_failed",
+                Some(&rec.name),
+                e.message,
+            )
+            .await;
         }
     }
     quarantine_orphans(node, &known).await?;
@@ -90,7 +122,10 @@ pub async fn recover<C: ClusterStore>(node: &Arc<Node<C>>) -> Result<Vec<VolumeR
 }
 
 /// Moves volume files no record accounts for to `lost+found/`.
-async fn quarantine_orphans<C: ClusterStore>(node: &Node<C>, known: &HashSet<String>) -> Result<()> {
+async fn quarantine_orphans<C: ClusterStore>(
+    node: &Node<C>,
+    known: &HashSet<String>,
+) -> Result<()> {
     let dir = &node.volumes_dir;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -101,8 +136,12 @@ async fn quarantine_orphans<C: ClusterStore>(node: &Node<C>, known: &HashSet<Str
             std::fs::create_dir_all(&lost)?;
             std::fs::rename(entry.path(), lost.join(&name))?;
             store::fsync_dir(dir)?;
-            let msg = format!("volume file {name} has no catalog record; moved to {} for inspection", lost.display());
-            node.event(Level::Warning, "volume.orphan_file", None, msg).await;
+            let msg = format!(
+                "volume file {name} has no catalog record; moved to {} for inspection",
+                lost.display()
+            );
+            node.event(Level::Warning, "volume.orphan_file", None, msg)
+                .await;
         }
     }
     Ok(())

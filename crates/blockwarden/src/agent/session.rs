@@ -101,10 +101,13 @@ impl Session {
     /// A renewal sent at `sent` was acknowledged with `ttl` remaining.
     fn renewed(&self, sent: Instant, ttl: Duration) {
         let deadline = sent.saturating_duration_since(self.base) + ttl.saturating_sub(FENCE_MARGIN);
-        self.deadline_ns.fetch_max(deadline.as_nanos() as u64, Ordering::AcqRel);
+        self.deadline_ns
+            .fetch_max(deadline.as_nanos() as u64, Ordering::AcqRel);
         *self.ttl.lock().unwrap() = ttl;
         if !self.lost.load(Ordering::Acquire) {
-            self.state.send_if_modified(|s| std::mem::replace(s, SessionState::Valid) != SessionState::Valid);
+            self.state.send_if_modified(|s| {
+                std::mem::replace(s, SessionState::Valid) != SessionState::Valid
+            });
         }
     }
 
@@ -128,7 +131,11 @@ impl Session {
 
 /// Renews the lease until shutdown or loss. Returns when the lease is lost (the caller then
 /// starts a new session) or `shutdown` fires.
-pub async fn keepalive_loop<C: ClusterStore>(catalog: Arc<C>, session: Arc<Session>, mut shutdown: watch::Receiver<bool>) {
+pub async fn keepalive_loop<C: ClusterStore>(
+    catalog: Arc<C>,
+    session: Arc<Session>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(KEEPALIVE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -140,12 +147,18 @@ pub async fn keepalive_loop<C: ClusterStore>(catalog: Arc<C>, session: Arc<Sessi
         match catalog.keep_alive(session.lease_id()).await {
             Ok(ttl) if !ttl.is_zero() => session.renewed(sent, ttl),
             Ok(_) | Err(catalog::CatalogError::LeaseExpired { .. }) => {
-                log::error!("session lease {} expired: volumes attached here are released", session.lease_id());
+                log::error!(
+                    "session lease {} expired: volumes attached here are released",
+                    session.lease_id()
+                );
                 session.mark_lost();
                 return;
             }
             Err(e) => {
-                log::warn!("lease renewal failed ({e}); self-fence in {:?} unless a renewal succeeds", session.remaining());
+                log::warn!(
+                    "lease renewal failed ({e}); self-fence in {:?} unless a renewal succeeds",
+                    session.remaining()
+                );
             }
         }
     }
@@ -162,7 +175,10 @@ pub fn spawn_watchdog(session: Arc<Session>, stop: Arc<AtomicBool>) -> std::thre
                 if !session.is_valid() {
                     session.mark_paused();
                 }
-                std::thread::sleep(Duration::from_millis(50).min(session.remaining().max(Duration::from_millis(5))));
+                std::thread::sleep(
+                    Duration::from_millis(50)
+                        .min(session.remaining().max(Duration::from_millis(5))),
+                );
             }
         })
         .expect("spawn the fence watchdog thread")
@@ -176,11 +192,20 @@ mod tests {
     #[test]
     fn deadline_follows_renewals_and_loss_is_final() {
         let t0 = Instant::now();
-        let s = Session::new(Lease { id: LeaseId(7), ttl: Duration::from_millis(2300) }, t0);
+        let s = Session::new(
+            Lease {
+                id: LeaseId(7),
+                ttl: Duration::from_millis(2300),
+            },
+            t0,
+        );
         assert!(s.is_valid());
         assert!(s.remaining() <= Duration::from_millis(300));
         std::thread::sleep(Duration::from_millis(350));
-        assert!(!s.is_valid(), "300 ms after grant with TTL 2.3 s and a 2 s margin: fenced");
+        assert!(
+            !s.is_valid(),
+            "300 ms after grant with TTL 2.3 s and a 2 s margin: fenced"
+        );
         s.renewed(Instant::now(), Duration::from_secs(8));
         assert!(s.is_valid());
         assert!(s.remaining() > Duration::from_secs(5));
