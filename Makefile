@@ -1,6 +1,6 @@
 # One entry point for humans and CI. `make test` is the README's test command and exactly
 # what .ci/run runs.
-.PHONY: test agent bench deps fmt lint licenses nextest build
+.PHONY: test agent bench bench-cluster deps fmt lint licenses nextest build
 
 # Everything: deps, fmt, clippy, licenses, all tests, bounded fuzzing.
 test:
@@ -12,8 +12,11 @@ agent:
 
 # Benchmarks against qemu-nbd, nbdkit and raw fio (results go to BENCHMARKS.md by hand).
 bench:
-	@if [ -x scripts/bench.sh ]; then scripts/bench.sh $(ARGS); \
-	else echo "scripts/bench.sh does not exist yet" >&2; exit 1; fi
+	bench/nbd-bench.sh $(ARGS)
+
+# C2 benchmarks: lease takeover, control-plane latency, remote attach (network namespaces, root).
+bench-cluster:
+	bench/cluster-bench.sh $(ARGS)
 
 build:
 	cargo build --workspace --all-targets
