@@ -4,9 +4,11 @@
 //! when an endpoint cannot be reached, has no leader, or (for requests safe to repeat) does
 //! not answer within the deadline. Every request carries gRPC metadata `hasleader: true`
 //! ("require leader"), so a member cut off from the quorum refuses at once with
-//! "etcdserver: no leader" instead of hanging: with 2 of 3 members dead a call fails within
-//! milliseconds, or at worst within one deadline while the survivor still believes in its
-//! old leader. When no endpoint serves, the caller gets `CatalogError::Unavailable`, whose
+//! "etcdserver: no leader" instead of hanging. When a whole round fails that way the call
+//! pauses briefly and tries another round, until its budget (`DEFAULT_CALL_DEADLINE`) is
+//! spent: a leader election (~1-1.6 s, every member says "no leader") is ridden out, and
+//! with 2 of 3 members dead the call still fails within the budget. When no endpoint
+//! serves, the caller gets `CatalogError::Unavailable`, whose
 //! message starts with "cluster store unavailable:" and lists what each endpoint said.
 //!
 //! One TCP connection per request: on a LAN a connect costs a round trip (~0.1 ms) against
@@ -37,9 +39,16 @@ pub const DEFAULT_ENDPOINT_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Time a whole call gets across all endpoints. Bounds the case where several members
 /// are unreachable without a reset (dropped traffic: each connect would wait the full
-/// endpoint deadline), so a command still fails within ~2.5 s; a healthy member reached
+/// endpoint deadline), so a command still fails within ~3.5 s; a healthy member reached
 /// after a dead one answers in milliseconds, well within what is left.
-pub const DEFAULT_CALL_DEADLINE: Duration = Duration::from_millis(2500);
+/// It also bounds the rounds that ride out a leader election (~1-1.6 s, during which one
+/// member may stay silent for a whole endpoint deadline): 3.5 s leaves a second round after
+/// such a silence.
+pub const DEFAULT_CALL_DEADLINE: Duration = Duration::from_millis(3500);
+
+/// Pause between two rounds over the endpoints when none could serve (no leader, refused):
+/// long enough not to hammer members mid-election, short next to an election's ~1-1.6 s.
+const ROUND_PAUSE: Duration = Duration::from_millis(100);
 
 /// Largest answer read into memory; a listing beyond this means a runaway key family.
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
@@ -166,9 +175,41 @@ impl Transport {
         retry: Retry,
     ) -> Result<T, CallError> {
         let body = Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
-        let mut failures = Vec::new();
-        let first = self.preferred.load(Ordering::Relaxed);
         let call_deadline = Instant::now() + self.budget;
+        // Rounds over all endpoints: a leader election (~1-1.6 s) makes every member answer
+        // "no leader" at once; trying again within the call's budget rides it out, while a
+        // cluster without quorum still fails when the budget is spent.
+        loop {
+            let mut failures = Vec::new();
+            match self
+                .round(path, &body, retry, call_deadline, &mut failures)
+                .await
+            {
+                Some(result) => return result,
+                None if Instant::now() + ROUND_PAUSE < call_deadline => {
+                    tokio::time::sleep(ROUND_PAUSE).await
+                }
+                None => {
+                    return Err(CallError::Unavailable(format!(
+                        "no etcd member could serve the request ({})",
+                        failures.join("; ")
+                    )))
+                }
+            }
+        }
+    }
+
+    /// One pass over the endpoints. `None`: every endpoint failed in a way that changed
+    /// nothing (the reasons are in `failures`); `Some`: the call's outcome.
+    async fn round<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Bytes,
+        retry: Retry,
+        call_deadline: Instant,
+        failures: &mut Vec<String>,
+    ) -> Option<Result<T, CallError>> {
+        let first = self.preferred.load(Ordering::Relaxed);
         for i in 0..self.endpoints.len() {
             let idx = (first + i) % self.endpoints.len();
             let ep = &self.endpoints[idx];
@@ -183,8 +224,10 @@ impl Transport {
                 Ok((status, bytes)) => match answer(status, &bytes) {
                     Ok(()) => {
                         self.preferred.store(idx, Ordering::Relaxed);
-                        return serde_json::from_slice(&bytes)
-                            .map_err(|e| CallError::Decode(format!("{path} from {ep}: {e}")));
+                        return Some(
+                            serde_json::from_slice(&bytes)
+                                .map_err(|e| CallError::Decode(format!("{path} from {ep}: {e}"))),
+                        );
                     }
                     Err(err) => err,
                 },
@@ -196,27 +239,24 @@ impl Transport {
                     failures.push(format!("{ep}: {why}"));
                     continue;
                 }
-                Err(Attempt::Sent(why)) => return Err(self.unknown_outcome(idx, &why)),
+                Err(Attempt::Sent(why)) => return Some(Err(self.unknown_outcome(idx, &why))),
             };
             // With "require leader" a member without one refuses before doing anything.
             let no_leader = err.message.contains("no leader");
             if no_leader || (err.code == GRPC_UNAVAILABLE && retry == Retry::Always) {
                 failures.push(format!("{ep}: {}", err.message));
             } else if err.code == GRPC_UNAVAILABLE {
-                return Err(self.unknown_outcome(idx, &err.message));
+                return Some(Err(self.unknown_outcome(idx, &err.message)));
             } else {
-                return Err(CallError::Etcd {
+                return Some(Err(CallError::Etcd {
                     code: err.code,
                     message: err.message,
-                });
+                }));
             }
         }
         self.preferred
             .store((first + 1) % self.endpoints.len(), Ordering::Relaxed);
-        Err(CallError::Unavailable(format!(
-            "no etcd member could serve the request ({})",
-            failures.join("; ")
-        )))
+        None
     }
 
     /// A write that may or may not have been applied; the next call starts elsewhere.
@@ -350,8 +390,9 @@ async fn send(
 mod tests {
     use super::*;
 
-    // Goal: with every endpoint refusing connections, a call fails at once with the
-    // operator-facing message naming each endpoint.
+    // Goal: with every endpoint refusing connections, a call retries in rounds for its budget
+    // (an election looks the same) and then fails with the message naming each endpoint.
+
     #[tokio::test]
     async fn all_endpoints_down_is_unavailable_naming_each() {
         let ports: Vec<u16> = (0..2)
@@ -374,7 +415,17 @@ mod tests {
             .await
             .unwrap_err()
             .into_catalog("read");
-        assert!(started.elapsed() < Duration::from_secs(1));
+        // Refusals are retried in rounds (an election looks the same for ~1-1.6 s) until the
+        // call's budget is spent, and no longer.
+        let took = started.elapsed();
+        assert!(
+            took >= DEFAULT_CALL_DEADLINE - ROUND_PAUSE,
+            "retried within the budget: {took:?}"
+        );
+        assert!(
+            took < DEFAULT_CALL_DEADLINE + Duration::from_millis(500),
+            "then gave up: {took:?}"
+        );
         let msg = err.to_string();
         assert!(msg.starts_with("cluster store unavailable: "), "{msg}");
         for p in ports {
@@ -405,7 +456,8 @@ mod tests {
         let took = started.elapsed();
         let msg = read.unwrap_err().into_catalog("read").to_string();
         assert!(
-            took >= DEFAULT_CALL_DEADLINE && took < Duration::from_secs(3),
+            took >= DEFAULT_CALL_DEADLINE
+                && took < DEFAULT_CALL_DEADLINE + Duration::from_millis(500),
             "{took:?}"
         );
         assert!(
