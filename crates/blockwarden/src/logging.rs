@@ -2,7 +2,6 @@
 //! (A full tracing stack is not worth its build time for one binary's line-per-event logs.)
 
 use std::io::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 struct StderrLogger {
     level: log::LevelFilter,
@@ -37,13 +36,8 @@ pub fn init(level: log::LevelFilter) {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// Milliseconds since the Unix epoch: the catalog's clock, so event and record times agree.
+pub use catalog::now_ms;
 
 /// `2026-11-21T15:04:05.123Z` for a time in ms since the epoch.
 pub fn format_utc_ms(ms: u64) -> String {

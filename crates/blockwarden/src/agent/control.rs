@@ -289,19 +289,21 @@ impl<C: ClusterStore> Control for AgentControl<C> {
 
     async fn list_nodes(&self) -> Result<Vec<NodeView>, ApiError> {
         let ctx = self.context().await?;
-        let mut nodes: Vec<NodeRecord> = ctx.nodes.values().cloned().collect();
-        if nodes.iter().all(|n| n.id != self.0.me.id) {
-            nodes.push(self.0.own_record());
-        }
+        // This node's own record is built fresh (free space, last seen) rather than read back
+        // from its last heartbeat; the others are as they last published them.
+        let me = self.0.own_record();
+        let mut nodes: Vec<NodeRecord> = ctx
+            .nodes
+            .values()
+            .filter(|n| n.id != me.id)
+            .cloned()
+            .collect();
+        nodes.push(me);
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(nodes
             .into_iter()
-            .map(|n| {
-                let alive = ctx.alive.contains(&n.id);
-                let fresh = if n.id == self.0.me.id {
-                    self.0.own_record()
-                } else {
-                    n
-                };
+            .map(|fresh| {
+                let alive = ctx.alive.contains(&fresh.id);
                 NodeView {
                     id: fresh.id.0.clone(),
                     name: fresh.name.to_string(),
