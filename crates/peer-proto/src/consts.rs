@@ -17,9 +17,14 @@ pub const SERVER_MAGIC: [u8; 8] = *b"BWPEERS\n";
 pub const FRAME_MAGIC: u32 = 0x4257_5046;
 
 /// The newest protocol version this build speaks (see the history in the crate docs).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// The first version with sessions (the hello's `session` field, refusal
+/// `StaleSession`) and the replication-metadata requests (READ_META, WRITE_META). A client
+/// that needs them offers this as its minimum, so an older server refuses it with
+/// `VersionUnsupported` instead of silently ignoring the session.
+pub const SESSION_VERSION: u16 = 2;
 
 // ----- Handshake layout and limits -----------------------------------------------------------
 
@@ -27,6 +32,8 @@ pub const MIN_PROTOCOL_VERSION: u16 = 1;
 pub const HANDSHAKE_PREFIX_LEN: usize = 16;
 /// Fixed part of a v1 hello body before the two ids: generation (8), features (8).
 pub const HELLO_V1_FIXED_LEN: usize = 16;
+/// Bytes a v2 hello appends after the volume id: session (8).
+pub const HELLO_V2_TAIL_LEN: usize = 8;
 /// Largest hello body. Hit → the server refuses with `BadRequest` and closes. Two ids of
 /// [`MAX_ID_LEN`] plus the fixed fields need 530 bytes; the rest is room for later versions
 /// to append fields.
@@ -59,11 +66,19 @@ pub const FRAME_HEADER_LEN: usize = 36;
 /// Largest read or write payload: 32 MiB, the NBD maximum, so a remote attachment can pass
 /// any NBD request through unsplit. A larger READ/WRITE is answered `Invalid`.
 pub const MAX_IO_BYTES: u32 = 32 << 20;
+/// Largest replication-metadata blob in WRITE_META and the META reply (v2): 16 MiB, as
+/// `store::MAX_REPL_META_BYTES`. A larger WRITE_META is answered `Invalid` (its body
+/// skipped; the client refuses locally first); a larger META reply is fatal for the client.
+pub const MAX_META_BYTES: u32 = 16 << 20;
 /// Largest frame body (bytes after the header). Hit → fatal framing error: the receiver
 /// sends a connection-level `Error{Protocol}` (server) and closes, because skipping a
 /// body that large would be a way to make it read gigabytes. Equal to [`MAX_IO_BYTES`]:
-/// no v1 body is larger than a maximal write.
+/// no body is larger than a maximal write (a metadata blob, [`MAX_META_BYTES`], is half).
 pub const MAX_BODY_LEN: u32 = MAX_IO_BYTES;
+const _: () = assert!(
+    MAX_META_BYTES <= MAX_BODY_LEN,
+    "a maximal blob fits one frame"
+);
 /// Largest frame on the wire.
 pub const MAX_FRAME_LEN: usize = FRAME_HEADER_LEN + MAX_BODY_LEN as usize;
 /// Most extents in one `EXTENTS` reply (as `store::MAX_BLOCK_STATUS_EXTENTS`). A server
@@ -81,8 +96,8 @@ pub const CONNECTION_ID: u64 = 0;
 // Types are u16. Bit 15 set = reply (server → client), clear = request (client → server).
 // Ranges of request types:
 //   0x0001-0x00ff  data path (v1)
-//   0x0100-0x01ff  reserved for replication and resync (C3): dirty-region bitmaps, resync
-//                  reads/writes with region checksums, rejoin
+//   0x0100-0x01ff  replication and resync (C3): 0x0100 READ_META, 0x0101 WRITE_META (v2);
+//                  the rest reserved (resync reads/writes with region checksums, rejoin)
 //   0x0200-0x7fff  unassigned
 // Unknown request type → the server answers `Error{Unsupported}` and skips the body (the
 // header's body length keeps the stream in sync), so a client may probe for new messages.
@@ -95,6 +110,13 @@ pub const MSG_TRIM: u16 = 0x0004;
 pub const MSG_WRITE_ZEROES: u16 = 0x0005;
 pub const MSG_BLOCK_STATUS: u16 = 0x0006;
 pub const MSG_PING: u16 = 0x0007;
+
+/// v2: read the replica's replication-metadata blob; answered with META (or FENCED, ERROR).
+/// No body; offset and length are reserved (sent as 0, ignored).
+pub const MSG_READ_META: u16 = 0x0100;
+/// v2: replace the replica's replication-metadata blob with the body (≤ [`MAX_META_BYTES`],
+/// `length == body_len`, offset reserved); durable before the OK; fenced like a write.
+pub const MSG_WRITE_META: u16 = 0x0101;
 
 /// First and last request type reserved for replication and resync (C3).
 pub const MSG_REPLICATION_FIRST: u16 = 0x0100;
@@ -110,6 +132,9 @@ pub const MSG_REPLY_EXTENTS: u16 = 0x8003;
 pub const MSG_REPLY_ERROR: u16 = 0x8004;
 pub const MSG_REPLY_FENCED: u16 = 0x8005;
 pub const MSG_REPLY_PONG: u16 = 0x8006;
+/// v2: the answer to READ_META. Flag [`FLAG_META_PRESENT`] set: the body is the blob
+/// (possibly empty); clear: no blob was ever written (body must be empty).
+pub const MSG_REPLY_META: u16 = 0x8007;
 
 // ----- Flags ---------------------------------------------------------------------------------
 
@@ -117,6 +142,9 @@ pub const MSG_REPLY_PONG: u16 = 0x8006;
 pub const FLAG_FUA: u16 = 1 << 0;
 /// WRITE_ZEROES: the range may be deallocated.
 pub const FLAG_MAY_PUNCH: u16 = 1 << 1;
+
+/// META reply: a blob exists (the body, possibly empty); clear = none was ever written.
+pub const FLAG_META_PRESENT: u16 = 1 << 0;
 
 /// Extent flags.
 pub const EXTENT_HOLE: u32 = 1 << 0;

@@ -5,8 +5,8 @@
 //! magic "BWPF"(4) type(2) flags(2) body_len(4) id(8) offset(8) length(8) body(body_len)
 //! ```
 //!
-//! Requests carry their arguments in the header (`offset`, `length`); only WRITE has a body
-//! (its data, `body_len == length`). Many requests may be in flight; each reply carries the
+//! Requests carry their arguments in the header (`offset`, `length`); only WRITE and
+//! WRITE_META have a body (the data or the blob, `body_len == length`). Many requests may be in flight; each reply carries the
 //! request's id and replies come in any order (see `reply`).
 //!
 //! Framing rule: `body_len` alone says where the next frame starts, whatever the type. So a
@@ -135,6 +135,13 @@ pub enum Request {
     },
     /// Liveness probe; answered with PONG and touches no replica.
     Ping,
+    /// v2: read the replication-metadata blob; answered with META.
+    ReadMeta,
+    /// v2: replace the replication-metadata blob with the `len` body bytes
+    /// (≤ [`MAX_META_BYTES`]); answered with OK once durable.
+    WriteMeta {
+        len: u32,
+    },
 }
 
 /// A well-framed request the server cannot execute; answered with an error reply, and the
@@ -180,6 +187,8 @@ impl Request {
             Request::WriteZeroes { .. } => MSG_WRITE_ZEROES,
             Request::BlockStatus { .. } => MSG_BLOCK_STATUS,
             Request::Ping => MSG_PING,
+            Request::ReadMeta => MSG_READ_META,
+            Request::WriteMeta { .. } => MSG_WRITE_META,
         }
     }
 
@@ -189,7 +198,8 @@ impl Request {
         let (flags, offset, length, body_len) = match *self {
             Request::Read { offset, len } => (0, offset, u64::from(len), 0),
             Request::Write { offset, len, fua } => (fua_flag(fua), offset, u64::from(len), len),
-            Request::Flush | Request::Ping => (0, 0, 0, 0),
+            Request::Flush | Request::Ping | Request::ReadMeta => (0, 0, 0, 0),
+            Request::WriteMeta { len } => (0, 0, u64::from(len), len),
             Request::Trim { offset, len, fua } => (fua_flag(fua), offset, len, 0),
             Request::WriteZeroes {
                 offset,
@@ -222,6 +232,7 @@ impl Request {
             MSG_WRITE | MSG_TRIM => FLAG_FUA,
             MSG_WRITE_ZEROES => FLAG_FUA | FLAG_MAY_PUNCH,
             MSG_READ | MSG_FLUSH | MSG_BLOCK_STATUS | MSG_PING => 0,
+            MSG_READ_META | MSG_WRITE_META => 0,
             other => return Err(RequestError::UnknownType(other)),
         };
         if h.id == CONNECTION_ID {
@@ -233,7 +244,10 @@ impl Request {
                 flags: h.flags,
             });
         }
-        let want_body = if h.kind == MSG_WRITE { h.length } else { 0 };
+        let want_body = match h.kind {
+            MSG_WRITE | MSG_WRITE_META => h.length,
+            _ => 0,
+        };
         if u64::from(h.body_len) != want_body {
             return Err(RequestError::BadBody {
                 kind: h.kind,
@@ -267,6 +281,10 @@ impl Request {
             MSG_BLOCK_STATUS => Request::BlockStatus {
                 offset,
                 len: h.length,
+            },
+            MSG_READ_META => Request::ReadMeta,
+            MSG_WRITE_META => Request::WriteMeta {
+                len: meta_len(h.length)?,
             },
             _ => Request::Ping,
         })
@@ -306,8 +324,8 @@ impl Request {
         })
     }
 
-    /// The device request, given a WRITE's data (ignored for other types). `None` for PING,
-    /// which the server answers itself.
+    /// The device request, given a WRITE's data (ignored for other types). `None` for PING
+    /// and the metadata requests, which the server answers itself.
     pub fn into_io(self, data: Vec<u8>) -> Option<IoRequest> {
         Some(match self {
             Request::Read { offset, len } => IoRequest::Read { offset, len },
@@ -326,18 +344,33 @@ impl Request {
                 fua,
             },
             Request::BlockStatus { offset, len } => IoRequest::BlockStatus { offset, len },
-            Request::Ping => return None,
+            Request::Ping | Request::ReadMeta | Request::WriteMeta { .. } => return None,
         })
     }
 
-    /// Payload bytes this request moves (READ data back, WRITE data out), for in-flight
-    /// byte budgets.
+    /// Payload bytes this request moves (READ data back, WRITE data out, a metadata blob
+    /// either way), for in-flight byte budgets. READ_META counts as a maximal blob: its
+    /// size is unknown until it was read.
     pub fn payload_bytes(&self) -> u32 {
         match *self {
-            Request::Read { len, .. } | Request::Write { len, .. } => len,
+            Request::Read { len, .. } | Request::Write { len, .. } | Request::WriteMeta { len } => {
+                len
+            }
+            Request::ReadMeta => MAX_META_BYTES,
             _ => 0,
         }
     }
+}
+
+fn meta_len(len: u64) -> Result<u32, RequestError> {
+    if len > u64::from(MAX_META_BYTES) {
+        return Err(RequestError::TooLong {
+            what: "replication metadata",
+            len,
+            max: MAX_META_BYTES.into(),
+        });
+    }
+    Ok(len as u32)
 }
 
 fn io_len(what: &'static str, len: u64) -> Result<u32, RequestError> {

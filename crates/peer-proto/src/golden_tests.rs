@@ -25,6 +25,7 @@ fn hello_v1() -> Hello {
         features: 0,
         node_id: NodeId("n1".into()),
         volume_id: VolumeId("v1".into()),
+        session: 0,
     }
 }
 
@@ -37,6 +38,23 @@ fn hello_v1_bytes() {
          0000000000000005 0000000000000000 0002 6e31 0002 7631");
     assert_eq!(out, want);
     assert_eq!(parse_hello(&want), Ok(Some((hello_v1(), want.len()))));
+}
+
+// Goal: the v2 hello (versions 1..=2, session 3) appends the session after the ids, and a
+// v1 parser's view of it (the tail skipped) is the v1 hello.
+#[test]
+fn hello_v2_bytes() {
+    let h = Hello {
+        max_version: 2,
+        session: 3,
+        ..hello_v1()
+    };
+    let mut out = Vec::new();
+    encode_hello(&mut out, &h);
+    let want = hex("425750454552430a 0001 0002 00000020
+         0000000000000005 0000000000000000 0002 6e31 0002 7631 0000000000000003");
+    assert_eq!(out, want);
+    assert_eq!(parse_hello(&want), Ok(Some((h, want.len()))));
 }
 
 #[test]
@@ -114,6 +132,14 @@ fn registry_v1() {
         (MSG_REPLICATION_FIRST, MSG_REPLICATION_LAST),
         (0x0100, 0x01ff)
     );
+    // v2
+    assert_eq!(
+        (MSG_READ_META, MSG_WRITE_META, MSG_REPLY_META),
+        (0x0100, 0x0101, 0x8007)
+    );
+    assert_eq!((FLAG_META_PRESENT, MAX_META_BYTES), (1, 16 << 20));
+    assert_eq!(RefuseCode::StaleSession.to_wire(), 7);
+    assert_eq!((PROTOCOL_VERSION, SESSION_VERSION), (2, 2));
     assert_eq!(
         (FLAG_FUA, FLAG_MAY_PUNCH, EXTENT_HOLE, EXTENT_ZERO),
         (1, 2, 1, 2)
@@ -233,4 +259,25 @@ fn extents_bytes() {
     assert_eq!(n, want.len());
     assert_eq!(ReplyHead::decode(&h), Ok(ReplyHead::Extents { count: 2 }));
     assert_eq!(parse_extents(body).unwrap(), ext);
+}
+
+// Goal: the v2 metadata messages on the wire.
+#[test]
+fn meta_bytes_v2() {
+    assert_eq!(
+        Request::ReadMeta.header(5).to_bytes().to_vec(),
+        hex("42575046 0100 0000 00000000 0000000000000005 0000000000000000 0000000000000000")
+    );
+    assert_eq!(
+        Request::WriteMeta { len: 3 }.header(6).to_bytes().to_vec(),
+        hex("42575046 0101 0000 00000003 0000000000000006 0000000000000000 0000000000000003")
+    );
+    assert_eq!(
+        meta_header(5, Some(3)).to_vec(),
+        hex("42575046 8007 0001 00000003 0000000000000005 0000000000000000 0000000000000000")
+    );
+    assert_eq!(
+        meta_header(5, None).to_vec(),
+        hex("42575046 8007 0000 00000000 0000000000000005 0000000000000000 0000000000000000")
+    );
 }

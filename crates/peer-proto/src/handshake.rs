@@ -3,12 +3,17 @@
 //! ```text
 //! C: magic "BWPEERC\n"(8) min_version(2) max_version(2) body_len(4) body
 //!    v1 body: generation(8) features(8) node_id_len(2) node_id volume_id_len(2) volume_id
+//!    v2 body (max_version ≥ 2): the v1 body, then session(8)
 //! S: magic "BWPEERS\n"(8) kind(2) version(2) body_len(4) body
 //!    kind 1 = accept, v1 body: size(8) highest_generation(8) features(8)
 //!             max_io_bytes(4) max_inflight_requests(4) max_inflight_bytes(4)
 //!    kind 2 = refuse, v1 body: code(2) server_min(2) server_max(2) message_len(2)
 //!             highest_generation(8) message
 //! ```
+//!
+//! A hello whose `max_version` is 2 or more carries the v2 fields, whatever version the
+//! server then picks (the client cannot know it yet); a v1 server skips them as the tail
+//! of a newer version. A hello with `max_version` 1 has none (its session is 0).
 //!
 //! Extensibility: the 16-byte prefix never changes. A later version may only *append*
 //! fields to a body, so every version can parse the fields it knows and skip the rest
@@ -34,6 +39,11 @@ pub struct Hello {
     /// Who is asking (for logs and, later, replication bookkeeping).
     pub node_id: NodeId,
     pub volume_id: VolumeId,
+    /// v2: the attachment's session number (strictly increasing per attachment, 0 = no
+    /// session). The replica refuses a session below the highest it admitted for this
+    /// generation, and fences that generation's older sessions. Sent only when
+    /// `max_version` ≥ 2 (a v1 hello always parses with 0).
+    pub session: u64,
 }
 
 /// The server admitted the client.
@@ -66,6 +76,10 @@ pub enum RefuseCode {
     VersionUnsupported,
     /// The server cannot take the connection now (connection limit, shutting down).
     Busy,
+    /// v2: the hello's generation is the replica's highest, but its session is below the
+    /// one the replica admitted for it: a newer session of the same attachment exists.
+    /// Sent only to clients that negotiated v2 (others get `StaleGeneration`).
+    StaleSession,
     /// The hello is malformed (bad magic, bad lengths, bad ids).
     BadRequest,
     /// The replica exists but cannot serve (faulted, its metadata unreadable, I/O error).
@@ -83,6 +97,7 @@ impl RefuseCode {
             RefuseCode::Busy => 4,
             RefuseCode::BadRequest => 5,
             RefuseCode::Unavailable => 6,
+            RefuseCode::StaleSession => 7,
             RefuseCode::Unknown(c) => c,
         }
     }
@@ -95,6 +110,7 @@ impl RefuseCode {
             4 => RefuseCode::Busy,
             5 => RefuseCode::BadRequest,
             6 => RefuseCode::Unavailable,
+            7 => RefuseCode::StaleSession,
             c => RefuseCode::Unknown(c),
         }
     }
@@ -107,7 +123,8 @@ pub struct Refuse {
     /// The server's supported version range (so a client can tell what to upgrade).
     pub server_min_version: u16,
     pub server_max_version: u16,
-    /// For `StaleGeneration`: the replica's highest generation; otherwise 0.
+    /// For `StaleGeneration` and `StaleSession`: the replica's highest generation;
+    /// otherwise 0.
     pub highest_generation: Generation,
     /// A sentence for logs and operators.
     pub message: String,
@@ -127,11 +144,15 @@ pub fn choose_version(client_min: u16, client_max: u16) -> Option<u16> {
 }
 
 /// Appends a hello. Ids longer than [`MAX_ID_LEN`] are the caller's bug (the server would
-/// refuse them); they are encoded as given so the refusal can be tested.
+/// refuse them); they are encoded as given so the refusal can be tested. The v2 fields
+/// are appended when `max_version` ≥ 2 (a v1-only hello cannot carry a session: its
+/// `session` is not sent).
 pub fn encode_hello(out: &mut Vec<u8>, h: &Hello) {
     let node = h.node_id.0.as_bytes();
     let vol = h.volume_id.0.as_bytes();
-    let body_len = HELLO_V1_FIXED_LEN + 2 + node.len() + 2 + vol.len();
+    let v2 = h.max_version >= SESSION_VERSION;
+    let tail = if v2 { HELLO_V2_TAIL_LEN } else { 0 };
+    let body_len = HELLO_V1_FIXED_LEN + 2 + node.len() + 2 + vol.len() + tail;
     out.extend_from_slice(&HELLO_MAGIC);
     out.extend_from_slice(&h.min_version.to_be_bytes());
     out.extend_from_slice(&h.max_version.to_be_bytes());
@@ -142,6 +163,9 @@ pub fn encode_hello(out: &mut Vec<u8>, h: &Hello) {
     out.extend_from_slice(node);
     out.extend_from_slice(&(vol.len() as u16).to_be_bytes());
     out.extend_from_slice(vol);
+    if v2 {
+        out.extend_from_slice(&h.session.to_be_bytes());
+    }
 }
 
 /// Parses a hello. Fails as soon as a received byte contradicts the magic, so garbage is
@@ -168,6 +192,15 @@ pub fn parse_hello(buf: &[u8]) -> Parsed<Hello> {
     let features = c.u64().ok_or_else(short)?;
     let node_id = NodeId(read_id(&mut c, "node id", body.len())?);
     let volume_id = VolumeId(read_id(&mut c, "volume id", body.len())?);
+    let session = if max_version >= SESSION_VERSION {
+        c.u64().ok_or(ProtoError::TooShort {
+            what: "v2 hello body",
+            len: body.len(),
+            need: body.len() + HELLO_V2_TAIL_LEN,
+        })?
+    } else {
+        0
+    };
     // Whatever follows was appended by a newer version: skipped on purpose.
     let hello = Hello {
         min_version,
@@ -176,6 +209,7 @@ pub fn parse_hello(buf: &[u8]) -> Parsed<Hello> {
         features,
         node_id,
         volume_id,
+        session,
     };
     Ok(Some((hello, HANDSHAKE_PREFIX_LEN + body.len())))
 }

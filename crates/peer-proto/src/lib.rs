@@ -6,9 +6,9 @@
 //! - [`handshake`]: the client's [`Hello`] (version range, node id, volume id, generation)
 //!   and the server's [`Accept`] or [`Refuse`] ([`RefuseCode`]).
 //! - [`frame`]: the 36-byte [`FrameHeader`] of every later frame, [`Request`] (READ, WRITE,
-//!   FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, PING) and its mapping to
+//!   FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, PING, READ_META, WRITE_META) and its mapping to
 //!   [`bw_types::IoRequest`]; [`RequestError`] for well-framed requests that cannot run.
-//! - [`reply`]: [`ReplyHead`] (OK, DATA, EXTENTS, ERROR, FENCED, PONG), their encoders, and
+//! - [`reply`]: [`ReplyHead`] (OK, DATA, EXTENTS, ERROR, FENCED, PONG, META), their encoders, and
 //!   [`ErrorCode`], the error that crosses the wire, mapped onto [`bw_types::IoError`].
 //! - [`ProtoError`]: broken framing, after which the connection is closed.
 //!
@@ -31,6 +31,10 @@
 //!   Requests READ, WRITE (+FUA), FLUSH, TRIM (+FUA), WRITE_ZEROES (+FUA, MAY_PUNCH),
 //!   BLOCK_STATUS, PING; replies OK, DATA, EXTENTS, ERROR, FENCED, PONG. Request types
 //!   0x0100–0x01ff reserved for replication (C3).
+//! - **v2** (blockwarden C3, synchronous replication): the hello appends `session` (u64)
+//!   when its `max_version` ≥ 2; refusal code 7 `StaleSession` (v2 clients only);
+//!   requests READ_META (0x0100) and WRITE_META (0x0101, body ≤ 16 MiB) with reply META
+//!   (0x8007, flag PRESENT). Everything of v1 unchanged; a v2 server still speaks v1.
 
 pub mod consts;
 mod error;
@@ -52,7 +56,7 @@ pub use handshake::{
 };
 pub use reply::{
     data_header, encode_error, encode_extents, encode_fenced, encode_io_error, encode_ok,
-    encode_pong, parse_extents, parse_message, ErrorCode, ReplyHead,
+    encode_pong, meta_header, parse_extents, parse_message, ErrorCode, ReplyHead,
 };
 
 /// Result of every parser: `Ok(Some((message, bytes consumed)))`, `Ok(None)` if the input

@@ -20,6 +20,7 @@ fn hello_bytes() -> Vec<u8> {
             features: 0,
             node_id: NodeId("node-a".into()),
             volume_id: VolumeId("vol".into()),
+            session: 0,
         },
     );
     out
@@ -144,8 +145,13 @@ fn hello_tail_from_newer_version_is_skipped() {
     let (h, n) = parse_hello(&b).unwrap().unwrap();
     assert_eq!(n, b.len());
     assert_eq!((h.max_version, h.volume_id.0.as_str()), (7, "v"));
+    assert_eq!(h.session, u64::from_be_bytes(*b"future f"), "v2 field read");
     assert_eq!(choose_version(1, 7), Some(PROTOCOL_VERSION));
-    assert_eq!(choose_version(2, 7), None, "client too new");
+    assert_eq!(
+        choose_version(PROTOCOL_VERSION + 1, 7),
+        None,
+        "client too new"
+    );
     assert_eq!(choose_version(0, 0), None, "client too old");
 }
 
@@ -296,7 +302,30 @@ fn frame_body_over_limit() {
 fn request_errors_are_per_request() {
     let cases = [
         (header(0x0042, 0, 0, 1, 0), RequestError::UnknownType(0x42)),
-        (header(0x0100, 0, 0, 1, 0), RequestError::UnknownType(0x100)),
+        (header(0x0102, 0, 0, 1, 0), RequestError::UnknownType(0x102)),
+        (
+            header(MSG_READ_META, FLAG_FUA, 0, 1, 0),
+            RequestError::BadFlags {
+                kind: MSG_READ_META,
+                flags: FLAG_FUA,
+            },
+        ),
+        (
+            header(MSG_READ_META, 0, 4, 1, 0),
+            RequestError::BadBody {
+                kind: MSG_READ_META,
+                body_len: 4,
+                want: 0,
+            },
+        ),
+        (
+            header(MSG_WRITE_META, 0, 10, 1, 11),
+            RequestError::BadBody {
+                kind: MSG_WRITE_META,
+                body_len: 10,
+                want: 11,
+            },
+        ),
         (
             header(MSG_REPLY_OK, 0, 0, 1, 0),
             RequestError::ReplyAsRequest(MSG_REPLY_OK),
@@ -341,6 +370,26 @@ fn request_errors_are_per_request() {
         Request::decode(&too_long),
         Err(RequestError::TooLong { what: "read", .. })
     ));
+    // A blob over the metadata limit (but within the frame limit) is refused per request:
+    // the body is skipped and the connection goes on.
+    let meta_len = u64::from(MAX_META_BYTES) + 1;
+    let too_big = header(MSG_WRITE_META, 0, meta_len as u32, 1, meta_len);
+    assert!(parse_frame_header(&too_big.to_bytes()).unwrap().is_some());
+    assert_eq!(
+        Request::decode(&too_big),
+        Err(RequestError::TooLong {
+            what: "replication metadata",
+            len: meta_len,
+            max: MAX_META_BYTES.into(),
+        })
+    );
+    let max = header(MSG_WRITE_META, 0, MAX_META_BYTES, 1, MAX_META_BYTES.into());
+    assert_eq!(
+        Request::decode(&max),
+        Ok(Request::WriteMeta {
+            len: MAX_META_BYTES
+        })
+    );
     assert_eq!(RequestError::UnknownType(9).code(), ErrorCode::Unsupported);
     assert_eq!(RequestError::ReservedId.code(), ErrorCode::Invalid);
 }
@@ -369,6 +418,8 @@ fn requests_round_trip() {
         },
         Request::BlockStatus { offset: 9, len: 10 },
         Request::Ping,
+        Request::ReadMeta,
+        Request::WriteMeta { len: 11 },
     ];
     for (i, r) in reqs.into_iter().enumerate() {
         let h = r.header(i as u64 + 1);
@@ -495,4 +546,71 @@ fn io_errors_round_trip_through_error_replies() {
         };
         assert_eq!(code.to_io(&parse_message(body)), e);
     }
+}
+
+// Goal: META replies: PRESENT with any body up to the limit, none without a body; anything
+// else is fatal for the client.
+#[test]
+fn meta_reply_heads() {
+    let r = |flags, body_len| {
+        ReplyHead::decode(&FrameHeader {
+            kind: MSG_REPLY_META,
+            flags,
+            body_len,
+            id: 1,
+            offset: 0,
+            length: 0,
+        })
+    };
+    assert_eq!(
+        r(FLAG_META_PRESENT, 0),
+        Ok(ReplyHead::Meta {
+            present: true,
+            len: 0
+        })
+    );
+    assert_eq!(
+        r(FLAG_META_PRESENT, MAX_META_BYTES),
+        Ok(ReplyHead::Meta {
+            present: true,
+            len: MAX_META_BYTES
+        })
+    );
+    assert_eq!(
+        r(0, 0),
+        Ok(ReplyHead::Meta {
+            present: false,
+            len: 0
+        })
+    );
+    assert!(matches!(r(0, 1), Err(ProtoError::Malformed { .. })));
+    assert!(matches!(r(2, 0), Err(ProtoError::Malformed { .. })));
+    assert!(matches!(
+        r(FLAG_META_PRESENT, MAX_META_BYTES + 1),
+        Err(ProtoError::TooLong { .. })
+    ));
+}
+
+// Goal: a hello offering v2 must carry the session; a v1-only hello never does.
+#[test]
+fn hello_v2_session_field() {
+    let short = raw_hello(1, 2, &v1_body(b"n", b"v"));
+    assert!(
+        matches!(
+            parse_hello(&short),
+            Err(ProtoError::TooShort {
+                what: "v2 hello body",
+                ..
+            })
+        ),
+        "{:?}",
+        parse_hello(&short)
+    );
+    let mut body = v1_body(b"n", b"v");
+    body.extend_from_slice(&9u64.to_be_bytes());
+    let (h, _) = parse_hello(&raw_hello(2, 2, &body)).unwrap().unwrap();
+    assert_eq!(h.session, 9);
+    let (h, _) = parse_hello(&raw_hello(1, 1, &body)).unwrap().unwrap();
+    assert_eq!(h.session, 0, "a v1 hello's tail is not a session");
+    assert_eq!(RefuseCode::from_wire(7), RefuseCode::StaleSession);
 }

@@ -7,6 +7,7 @@
 //! ERROR    type 0x8004  header.length = error code; body: UTF-8 message
 //! FENCED   type 0x8005  header.offset = the replica's highest generation; body: message
 //! PONG     type 0x8006  body: none
+//! META     type 0x8007  (v2) flag PRESENT: body = the blob (maybe empty); clear: none, no body
 //! ```
 //!
 //! An ERROR or FENCED reply with id 0 ([`CONNECTION_ID`]) is about the whole connection:
@@ -115,6 +116,12 @@ pub enum ReplyHead {
         highest: Generation,
     },
     Pong,
+    /// v2, the answer to READ_META: `present` → a blob of `len` bytes follows (maybe 0);
+    /// otherwise none was ever written (and `len` is 0).
+    Meta {
+        present: bool,
+        len: u32,
+    },
 }
 
 impl ReplyHead {
@@ -161,6 +168,25 @@ impl ReplyHead {
             MSG_REPLY_FENCED => Ok(ReplyHead::Fenced {
                 highest: Generation(h.offset),
             }),
+            MSG_REPLY_META => {
+                let present = h.flags & FLAG_META_PRESENT != 0;
+                if h.flags & !FLAG_META_PRESENT != 0 || (!present && h.body_len != 0) {
+                    return Err(ProtoError::Malformed {
+                        what: "metadata reply flags",
+                    });
+                }
+                if h.body_len > MAX_META_BYTES {
+                    return Err(ProtoError::TooLong {
+                        what: "replication metadata",
+                        len: h.body_len.into(),
+                        max: MAX_META_BYTES.into(),
+                    });
+                }
+                Ok(ReplyHead::Meta {
+                    present,
+                    len: h.body_len,
+                })
+            }
             other => Err(ProtoError::UnexpectedType(other)),
         }
     }
@@ -192,6 +218,17 @@ pub fn encode_pong(out: &mut Vec<u8>, id: u64) {
 pub fn data_header(id: u64, len: u32) -> [u8; FRAME_HEADER_LEN] {
     debug_assert!(len <= MAX_IO_BYTES);
     reply_header(MSG_REPLY_DATA, id, 0, 0, len as usize).to_bytes()
+}
+
+/// The header of a META reply: `Some(len)` → a blob of `len` bytes follows it (sent from
+/// its own buffer), `None` → no blob was ever written. `len` ≤ [`MAX_META_BYTES`].
+pub fn meta_header(id: u64, blob_len: Option<u32>) -> [u8; FRAME_HEADER_LEN] {
+    debug_assert!(blob_len.is_none_or(|l| l <= MAX_META_BYTES));
+    let mut h = reply_header(MSG_REPLY_META, id, 0, 0, blob_len.unwrap_or(0) as usize);
+    if blob_len.is_some() {
+        h.flags = FLAG_META_PRESENT;
+    }
+    h.to_bytes()
 }
 
 /// Appends an EXTENTS reply; only the first [`MAX_EXTENTS`] are sent (a prefix is a valid

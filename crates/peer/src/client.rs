@@ -13,19 +13,33 @@
 //! FENCED with `IoError::Faulted("fenced: generation G < H …")`. Writes are never retried.
 //! The state change is reported through [`RemoteReplica::subscribe`] and
 //! [`ConnectOptions::on_state`].
+//!
+//! Sessions and replication metadata (protocol v2, for the replication driver): a
+//! connect with [`ConnectOptions::session`] > 0 is admitted as that session of its
+//! generation, which fences the attachment's older sessions on the replica (their later
+//! requests get FENCED). [`RemoteReplica::read_meta`] and [`RemoteReplica::write_meta`]
+//! read and replace the replica's replication-metadata blob.
+//!
+//! **Telling a fenced reply apart.** Every request refused by the fence fails with
+//! `IoError::Faulted("fenced: …")`, and from that moment [`RemoteReplica::fenced`] returns
+//! the replica's highest generation (it is set before any request is failed; `state()`
+//! becomes `Fenced { highest }` right after). `highest` greater than our generation: a
+//! newer attachment exists (stop). Equal: a newer session of this attachment exists (this
+//! session is dead; the newer one is unaffected).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bw_types::{BlockDevice, Generation, IoDone, IoError, IoRequest, NodeId, VolumeId};
-use peer_proto::consts::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use bw_types::{BlockDevice, Generation, IoDone, IoError, IoReply, IoRequest, NodeId, VolumeId};
+use peer_proto::consts::{MAX_META_BYTES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SESSION_VERSION};
 use peer_proto::{
-    encode_hello, parse_server_answer, Accept, Hello, ProtoError, RefuseCode, ServerAnswer,
+    encode_hello, parse_server_answer, Accept, Hello, ProtoError, RefuseCode, Request, ServerAnswer,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio::sync::watch;
 
 use crate::client_conn::{Failure, Shared};
@@ -66,6 +80,11 @@ pub struct ConnectOptions {
     pub request_timeout: Duration,
     pub ping_interval: Duration,
     pub on_state: Option<StateCallback>,
+    /// The attachment's session number (strictly increasing per attachment; 0 = no
+    /// session, the C2 behaviour). Above 0 the hello requires protocol v2 (an older peer
+    /// refuses with `VersionUnsupported`) and admission fences every older session of the
+    /// same generation on the replica (their requests still in flight are drained first).
+    pub session: u64,
 }
 
 impl Default for ConnectOptions {
@@ -76,6 +95,7 @@ impl Default for ConnectOptions {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             ping_interval: DEFAULT_PING_INTERVAL,
             on_state: None,
+            session: 0,
         }
     }
 }
@@ -88,6 +108,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("request_timeout", &self.request_timeout)
             .field("ping_interval", &self.ping_interval)
             .field("on_state", &self.on_state.is_some())
+            .field("session", &self.session)
             .finish()
     }
 }
@@ -100,7 +121,8 @@ pub enum PeerState {
     Unreachable {
         reason: String,
     },
-    /// The replica admitted a newer generation: this attachment must stop.
+    /// The replica admitted a newer generation (this attachment must stop), or, if
+    /// `highest` is our own generation, a newer session of this attachment.
     Fenced {
         highest: Generation,
     },
@@ -138,16 +160,39 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    /// True if the replica refused because it admitted a newer generation.
+    /// True if the replica refused because it admitted a newer generation, or (code
+    /// `StaleSession`) a newer session of the same generation.
     pub fn is_fenced(&self) -> bool {
         matches!(
             self,
             ConnectError::Refused {
-                code: RefuseCode::StaleGeneration,
+                code: RefuseCode::StaleGeneration | RefuseCode::StaleSession,
                 ..
             }
         )
     }
+}
+
+/// Why [`RemoteReplica::read_meta`] or [`RemoteReplica::write_meta`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    /// The replica refused our generation or session: `highest` is its highest generation
+    /// (equal to ours: a newer session of this attachment exists). The remote replica is
+    /// now failed for good, like after a FENCED data reply.
+    #[error("fenced: the replica's highest generation is {highest}")]
+    Fenced { highest: Generation },
+    /// Refused locally, nothing sent.
+    #[error("replication metadata of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    /// The peer negotiated a protocol version without metadata requests (connect with a
+    /// session > 0 to require v2).
+    #[error("the peer speaks protocol version {version}, which has no replication metadata")]
+    Unsupported { version: u16 },
+    /// Anything else: connection lost, no reply within the request timeout, an I/O error
+    /// on the replica (for a write: the blob may or may not have been replaced; treat the
+    /// replica as failed).
+    #[error("replication metadata request failed: {0}")]
+    Failed(IoError),
 }
 
 /// A replica on another node, served over the peer protocol. Dropping it closes it.
@@ -176,13 +221,20 @@ impl RemoteReplica {
         generation: Generation,
         opts: ConnectOptions,
     ) -> Result<RemoteReplica, ConnectError> {
+        // A session needs a server that enforces it: refuse to fall back to v1.
+        let min_version = if opts.session > 0 {
+            SESSION_VERSION
+        } else {
+            MIN_PROTOCOL_VERSION
+        };
         let hello = Hello {
-            min_version: MIN_PROTOCOL_VERSION,
+            min_version,
             max_version: PROTOCOL_VERSION,
             generation,
             features: 0,
             node_id,
             volume_id,
+            session: opts.session,
         };
         let mut bytes = Vec::new();
         encode_hello(&mut bytes, &hello);
@@ -202,6 +254,7 @@ impl RemoteReplica {
         }
         let accept = first.expect("at least one connection");
         let shared = Shared::start(addr, generation, accept, conns, &opts);
+        debug_assert!(opts.session == 0 || accept.version >= SESSION_VERSION);
         Ok(RemoteReplica { shared, accept })
     }
 
@@ -216,6 +269,68 @@ impl RemoteReplica {
 
     pub fn generation(&self) -> Generation {
         self.shared.generation
+    }
+
+    /// The session this remote replica was admitted with (0 = none).
+    pub fn session(&self) -> u64 {
+        self.shared.session
+    }
+
+    /// `Some(highest)` once a request was refused by the replica's fence (FENCED): set
+    /// before any request fails with it, so a completion that sees
+    /// `IoError::Faulted("fenced: …")` can rely on it. `highest` equal to our generation
+    /// means a newer session of this attachment, greater means a newer attachment.
+    pub fn fenced(&self) -> Option<Generation> {
+        self.shared.fenced()
+    }
+
+    /// Reads the replica's replication-metadata blob; `None` if it was never written.
+    /// Subject to the request timeout like any request.
+    pub async fn read_meta(&self) -> Result<Option<Vec<u8>>, MetaError> {
+        self.check_meta_version()?;
+        match self.meta_request(Request::ReadMeta, Vec::new()).await? {
+            IoReply::Data(blob) => Ok(Some(blob)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Replaces the replica's replication-metadata blob with `bytes`; returns once the
+    /// replica made it durable. Fenced like a write (by generation and session). At most
+    /// [`MAX_META_BYTES`] (16 MiB).
+    pub async fn write_meta(&self, bytes: Vec<u8>) -> Result<(), MetaError> {
+        if bytes.len() > MAX_META_BYTES as usize {
+            return Err(MetaError::TooLarge {
+                len: bytes.len(),
+                max: MAX_META_BYTES as usize,
+            });
+        }
+        self.check_meta_version()?;
+        let len = bytes.len() as u32;
+        self.meta_request(Request::WriteMeta { len }, bytes)
+            .await
+            .map(|_| ())
+    }
+
+    fn check_meta_version(&self) -> Result<(), MetaError> {
+        if self.accept.version < SESSION_VERSION {
+            return Err(MetaError::Unsupported {
+                version: self.accept.version,
+            });
+        }
+        Ok(())
+    }
+
+    async fn meta_request(&self, r: Request, body: Vec<u8>) -> Result<IoReply, MetaError> {
+        let (tx, rx) = oneshot::channel();
+        let done: IoDone = Box::new(move |res| {
+            let _ = tx.send(res);
+        });
+        self.shared.send_request(r, body, done);
+        let res = rx.await.unwrap_or(Err(IoError::ShuttingDown));
+        res.map_err(|e| match self.fenced() {
+            Some(highest) => MetaError::Fenced { highest },
+            None => MetaError::Failed(e),
+        })
     }
 
     /// The current state.

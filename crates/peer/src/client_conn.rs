@@ -41,6 +41,8 @@ enum Expect {
     Extents,
     Done,
     Pong,
+    /// A META reply: completed with `Data(blob)` if present, `Done` if none.
+    Meta,
 }
 
 struct Waiting {
@@ -63,6 +65,7 @@ struct Slot {
 pub(crate) struct Shared {
     pub(crate) peer: SocketAddr,
     pub(crate) generation: Generation,
+    pub(crate) session: u64,
     slots: Vec<Slot>,
     /// Next request id (ids start at 1; 0 is the connection-level id).
     next_id: AtomicU64,
@@ -101,6 +104,7 @@ impl Shared {
         let shared = Arc::new(Shared {
             peer,
             generation,
+            session: opts.session,
             slots,
             next_id: AtomicU64::new(1),
             failed: AtomicBool::new(false),
@@ -138,6 +142,12 @@ impl Shared {
     /// The error a request gets once the replica has failed.
     fn error(&self) -> IoError {
         match self.failure.lock().unwrap().as_ref() {
+            Some(Failure::Fenced { highest }) if *highest == self.generation => {
+                IoError::Faulted(format!(
+                    "fenced: session {} of generation {} superseded by a newer session at peer {}",
+                    self.session, self.generation, self.peer
+                ))
+            }
             Some(Failure::Fenced { highest }) => IoError::Faulted(format!(
                 "fenced: generation {} < {} at peer {}",
                 self.generation, highest, self.peer
@@ -147,6 +157,28 @@ impl Shared {
             }
             Some(Failure::Closed) | None => IoError::ShuttingDown,
         }
+    }
+
+    /// The replica's highest generation once the fence refused us (set before any request
+    /// is failed with it).
+    pub(crate) fn fenced(&self) -> Option<Generation> {
+        match self.failure.lock().unwrap().as_ref() {
+            Some(Failure::Fenced { highest }) => Some(*highest),
+            _ => None,
+        }
+    }
+
+    /// Sends a READ_META or WRITE_META (`body` = the blob); `done` gets `Data(blob)` or
+    /// `Done` (no blob / written), or the error.
+    pub(crate) fn send_request(&self, r: Request, body: Vec<u8>, done: IoDone) {
+        if self.failed.load(SeqCst) {
+            return done(Err(self.error()));
+        }
+        let expect = match r {
+            Request::ReadMeta => Expect::Meta,
+            _ => Expect::Done,
+        };
+        self.send(r, body, Waiting { done, expect }, None);
     }
 
     /// Sends one request; completes `done` when its reply arrives or the replica fails.
@@ -306,6 +338,8 @@ async fn read_one(
             }
         },
         (ReplyHead::Ok, Expect::Done) | (ReplyHead::Pong, Expect::Pong) => Ok(IoReply::Done),
+        (ReplyHead::Meta { present: true, .. }, Expect::Meta) => Ok(IoReply::Data(body)),
+        (ReplyHead::Meta { present: false, .. }, Expect::Meta) => Ok(IoReply::Done),
         (other, expect) => {
             let why = format!("protocol error: reply {other:?} to a request expecting {expect:?}");
             (w.done)(Err(IoError::Io(why.clone())));

@@ -5,10 +5,11 @@
 //! - [`server`]: [`serve`] (accept loop, connection limit, shutdown) and what the agent
 //!   provides ([`ReplicaProvider`]).
 //! - `server_conn`: one connection's handshake: hello → [`ReplicaProvider::open`] →
-//!   [`store::Replica::admit`] → accept or refuse with a clear reason.
-//! - `server_tx`: the transmission reader: parse → generation check
-//!   ([`store::Replica::enter`]) → `LocalVolume::submit` with a completion that queues the
-//!   reply; in-flight limits ([`MAX_INFLIGHT_REQUESTS`], [`MAX_INFLIGHT_BYTES`]).
+//!   [`store::Replica::admit_session`] → accept or refuse with a clear reason.
+//! - `server_tx`: the transmission reader: parse → generation and session check
+//!   ([`store::Replica::enter_session`]) → `LocalVolume::submit` with a completion that
+//!   queues the reply (replication-metadata requests: a blocking thread); in-flight limits
+//!   ([`MAX_INFLIGHT_REQUESTS`], [`MAX_INFLIGHT_BYTES`]).
 //! - [`client`]: [`RemoteReplica::connect`] and the `BlockDevice` implementation;
 //!   `client_conn`: the waiting-request tables, reader/writer/watchdog tasks, the failure
 //!   path.
@@ -38,8 +39,8 @@ pub mod stats;
 mod writer;
 
 pub use client::{
-    ConnectError, ConnectOptions, PeerState, RemoteReplica, StateCallback, DEFAULT_CONNECTIONS,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_PING_INTERVAL, DEFAULT_REQUEST_TIMEOUT,
+    ConnectError, ConnectOptions, MetaError, PeerState, RemoteReplica, StateCallback,
+    DEFAULT_CONNECTIONS, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PING_INTERVAL, DEFAULT_REQUEST_TIMEOUT,
     MAX_CONNECTIONS_PER_REPLICA,
 };
 pub use framed::READ_BUFFER_LEN;

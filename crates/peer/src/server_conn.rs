@@ -1,5 +1,5 @@
 //! One peer connection from accept to close: the handshake (hello → open the replica →
-//! admit the generation → accept or refuse), then the transmission phase
+//! admit the generation and session → accept or refuse), then the transmission phase
 //! (`server_tx`).
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bw_types::Generation;
-use peer_proto::consts::{KNOWN_FEATURES, MAX_IO_BYTES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use peer_proto::consts::{
+    KNOWN_FEATURES, MAX_IO_BYTES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SESSION_VERSION,
+};
 use peer_proto::{
     choose_version, encode_accept, encode_refuse, parse_hello, Accept, Hello, Refuse, RefuseCode,
 };
@@ -111,7 +113,7 @@ fn refusal(code: RefuseCode, highest: Generation, message: String) -> Refuse {
     }
 }
 
-/// Reads the hello, opens the replica and admits the generation.
+/// Reads the hello, opens the replica and admits the generation and session.
 async fn handshake(
     frames: &mut FrameReader<OwnedReadHalf>,
     replicas: Arc<dyn ReplicaProvider>,
@@ -132,16 +134,32 @@ async fn handshake(
         return Err(refusal(RefuseCode::VersionUnsupported, Generation(0), msg));
     };
     let replica = open_replica(&hello, replicas).await?;
-    let (r, generation) = (Arc::clone(&replica), hello.generation);
-    let admitted = match tokio::task::spawn_blocking(move || r.admit(generation)).await {
-        Ok(a) => a,
-        Err(e) => {
-            let msg = format!("admitting generation {generation} failed: {e}");
-            return Err(refusal(RefuseCode::Unavailable, Generation(0), msg));
-        }
-    };
+    let (r, generation, session) = (Arc::clone(&replica), hello.generation, hello.session);
+    // Blocking: may fsync the generation record and drain older generations or sessions.
+    let admitted =
+        match tokio::task::spawn_blocking(move || r.admit_session(generation, session)).await {
+            Ok(a) => a,
+            Err(e) => {
+                let msg = format!("admitting generation {generation} failed: {e}");
+                return Err(refusal(RefuseCode::Unavailable, Generation(0), msg));
+            }
+        };
     match admitted {
         Ok(_) => {}
+        Err(AdmitError::Fenced(f)) if f.is_stale_session() => {
+            stats.stale_generation_total.fetch_add(1, Relaxed);
+            let msg = format!(
+                "{f}: the replica of volume {} admitted a newer session of this attachment",
+                hello.volume_id
+            );
+            // Code 7 exists from v2 on; a v1 client only knows "fenced".
+            let code = if version >= SESSION_VERSION {
+                RefuseCode::StaleSession
+            } else {
+                RefuseCode::StaleGeneration
+            };
+            return Err(refusal(code, f.highest, msg));
+        }
         Err(AdmitError::Fenced(f)) => {
             stats.stale_generation_total.fetch_add(1, Relaxed);
             let msg = format!(
@@ -167,6 +185,7 @@ async fn handshake(
     let session = Session {
         replica,
         generation,
+        session,
         volume: hello.volume_id,
     };
     Ok((session, accept))

@@ -1,6 +1,8 @@
 //! Transmission phase of a server connection: the reader (this task) parses each request,
-//! checks its generation against the replica's fence and submits it to the replica's
-//! `LocalVolume` with a completion that queues the reply for the writer task.
+//! checks its generation and session against the replica's fence and submits it to the
+//! replica's `LocalVolume` with a completion that queues the reply for the writer task.
+//! The replication-metadata requests (READ_META, WRITE_META) are file operations with
+//! fsyncs: they pass the same check and then run on a blocking thread.
 //!
 //! Requests are not serialised: each is submitted as soon as it has been read, completions
 //! run in any order on any thread (often inline, on a page-cache hit), and replies go out
@@ -14,9 +16,9 @@ use bw_types::{Generation, IoError, IoReply, VolumeId};
 use peer_proto::consts::{CONNECTION_ID, FRAME_HEADER_LEN, MAX_IO_BYTES};
 use peer_proto::{
     data_header, encode_error, encode_extents, encode_fenced, encode_io_error, encode_ok,
-    encode_pong, parse_frame_header, ErrorCode, Request,
+    encode_pong, meta_header, parse_frame_header, ErrorCode, Request,
 };
-use store::Replica;
+use store::{Fenced, InFlight, ReplMetaError, Replica};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -44,11 +46,29 @@ const _: () = assert!(
 );
 
 /// What the handshake established.
+#[derive(Clone)]
 pub(crate) struct Session {
     pub(crate) replica: Arc<Replica>,
     /// The generation this connection was admitted with; every request is checked with it.
     pub(crate) generation: Generation,
+    /// The session number of the hello (0 = none), checked with the generation.
+    pub(crate) session: u64,
     pub(crate) volume: VolumeId,
+}
+
+impl Session {
+    /// The FENCED reply's message.
+    fn fenced_message(&self, fenced: &Fenced) -> String {
+        let newer = if fenced.is_stale_session() {
+            "a newer session of this attachment"
+        } else {
+            "a newer attachment"
+        };
+        format!(
+            "{fenced}: the replica of volume {} admitted {newer}",
+            self.volume
+        )
+    }
 }
 
 /// How the reader stopped.
@@ -178,42 +198,108 @@ impl Reader {
                 n => Some(acquire(&self.bytes, n).await),
             };
             let data = match req {
-                Request::Write { len, .. } => match frames.body(len as usize).await {
-                    Ok(d) => d,
-                    Err(e) => return end_of(e),
-                },
+                Request::Write { len, .. } | Request::WriteMeta { len } => {
+                    match frames.body(len as usize).await {
+                        Ok(d) => d,
+                        Err(e) => return end_of(e),
+                    }
+                }
                 _ => Vec::new(),
             };
             let budget = budget(request, bytes);
-            let Some(io) = req.into_io(data) else {
+            if req == Request::Ping {
                 let mut out = Vec::new();
                 encode_pong(&mut out, h.id);
                 conn.send_frame(out, Some(budget));
                 continue;
-            };
+            }
             let replica = &self.session.replica;
-            match replica.enter(self.session.generation) {
-                Ok(entered) => {
-                    let pending = Pending {
-                        conn: Arc::clone(conn),
-                        id: h.id,
-                        budget,
-                    };
-                    replica.submit_entered(entered, io, Box::new(move |r| pending.complete(r)));
-                }
+            let entered = match replica.enter_session(self.session.generation, self.session.session)
+            {
+                Ok(entered) => entered,
                 Err(fenced) => {
-                    let msg = format!(
-                        "{fenced}: the replica of volume {} admitted a newer attachment",
-                        self.session.volume
-                    );
                     let mut out = Vec::new();
+                    let msg = self.session.fenced_message(&fenced);
                     encode_fenced(&mut out, h.id, fenced.highest, &msg);
                     conn.send_frame(out, Some(budget));
                     return End::Fenced;
                 }
+            };
+            let pending = Pending {
+                conn: Arc::clone(conn),
+                id: h.id,
+                budget,
+            };
+            match req {
+                Request::ReadMeta | Request::WriteMeta { .. } => {
+                    self.meta(req, data, entered, pending)
+                }
+                _ => {
+                    let io = req.into_io(data).expect("a data-path request");
+                    replica.submit_entered(entered, io, Box::new(move |r| pending.complete(r)));
+                }
             }
         }
     }
+
+    /// Runs READ_META or WRITE_META (already past the fence as `entered`, which stays
+    /// counted in flight until it is done) on a blocking thread and queues its reply.
+    fn meta(&self, req: Request, blob: Vec<u8>, entered: InFlight, pending: Pending) {
+        let session = self.session.clone();
+        tokio::task::spawn_blocking(move || {
+            let Pending { conn, id, budget } = pending;
+            conn.stats.requests_total.fetch_add(1, Relaxed);
+            let replica = &session.replica;
+            let mut out = Vec::new();
+            if req == Request::ReadMeta {
+                let read = replica.read_repl_meta();
+                drop(entered);
+                match read {
+                    Ok(found) => {
+                        let head = meta_header(id, found.as_ref().map(|b| b.len() as u32));
+                        return conn.send(&head, found.unwrap_or_default(), Some(budget));
+                    }
+                    Err(e) => encode_error(&mut out, id, ErrorCode::Io, &chain(&e)),
+                }
+            } else {
+                // Checks the fence again under the metadata lock.
+                let written = replica.write_repl_meta(session.generation, session.session, &blob);
+                drop(entered);
+                match written {
+                    Ok(()) => encode_ok(&mut out, id),
+                    Err(ReplMetaError::Fenced { highest }) => {
+                        conn.stats.fenced_total.fetch_add(1, Relaxed);
+                        let f = Fenced {
+                            generation: session.generation,
+                            session: session.session,
+                            highest,
+                            floor: replica.session_floor(),
+                        };
+                        encode_fenced(&mut out, id, highest, &session.fenced_message(&f));
+                    }
+                    Err(e @ ReplMetaError::TooLarge { .. }) => {
+                        encode_error(&mut out, id, ErrorCode::Invalid, &e.to_string())
+                    }
+                    Err(e @ ReplMetaError::Io(_)) => {
+                        encode_error(&mut out, id, ErrorCode::Io, &chain(&e))
+                    }
+                }
+            }
+            conn.send_frame(out, Some(budget));
+        });
+    }
+}
+
+/// An error and its sources as one sentence, for an ERROR reply's message.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
 }
 
 fn end_of(e: FrameError) -> End {

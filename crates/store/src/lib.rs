@@ -13,7 +13,11 @@
 //!   faults the volume for good (fail-stop).
 //! - [`replica`]: [`Replica`], a `LocalVolume` behind a durable generation fence (the
 //!   highest generation seen, in `<volume file>.meta`): older attachments are refused on
-//!   every path, peer protocol and local ([`ReplicaDevice`]) alike.
+//!   every path, peer protocol and local ([`ReplicaDevice`]) alike; plus a session floor
+//!   per generation, so a newer session of one attachment fences its older sessions.
+//! - [`repl_meta`]: the replica's replication-metadata area (`<volume file>.repl`), one
+//!   opaque blob written durably and fenced like data ([`Replica::write_repl_meta`]).
+//! - `meta_file`, `crc`: atomic replacement of those small files and their checksum.
 //! - `files`: crash-safe primitives for volume files ([`create_volume_file`],
 //!   [`grow_volume_file`], [`remove_volume_file`], [`fsync_dir`]).
 //!
@@ -22,11 +26,14 @@
 //! layout, the fsync ordering and the crash analysis.
 
 pub mod backend;
+mod crc;
 mod error;
 mod files;
 mod flush;
+mod meta_file;
 mod ops;
 mod pool;
+pub mod repl_meta;
 pub mod replica;
 pub mod testing;
 mod volume;
@@ -38,6 +45,10 @@ pub use files::{
     TEMP_SUFFIX,
 };
 pub use pool::{MAX_QUEUED_JOBS, WORKER_IDLE_EXIT};
+pub use repl_meta::{
+    default_repl_meta_path, ReplMetaError, MAX_REPL_META_BYTES, REPL_META_HEADER_LEN,
+    REPL_META_SUFFIX,
+};
 pub use replica::{
     default_meta_path, AdmitError, AdvanceCallback, Fenced, InFlight, Replica, ReplicaDevice,
     ReplicaError, ReplicaOptions, ADMIT_DRAIN_TIMEOUT, META_LEN, META_SUFFIX,

@@ -13,14 +13,30 @@
 //!   was admitted, whether it comes over the peer protocol or is this node's own local
 //!   attachment ([`ReplicaDevice`], from [`Replica::device_for`]).
 //!
+//! **Sessions.** One attachment (one generation) may open successive *sessions* to a
+//! replica (the replication driver's reconnects, numbered 1, 2, 3 … per attachment). Next
+//! to the generation fence the replica keeps a *session floor* for its highest generation,
+//! and the two are compared as one lexicographic pair: a request of `(g, s)` is refused when
+//! `(g, s) < (highest, floor)`. [`Replica::admit_session`]`(g, s)` admits `g` exactly like
+//! `admit`, then raises the floor to `s` and drains the requests of older sessions, so
+//! nothing a dead session still had in a socket buffer runs after the new session began.
+//! Session 0 means "no session" ([`Replica::admit`], [`Replica::device_for`]): it is below
+//! every raised floor, so once a session-based attachment raised the floor of a generation,
+//! old-style requests of that same generation are refused too. The floor lives in memory
+//! only and restarts at 0 with every new generation: after a replica restart every
+//! connection of an older session is gone anyway, and a new generation has no sessions yet.
+//!
 //! **Why the drain.** A request of generation 5 that passed its check just before
 //! `admit(6)` raised the fence may still be writing. `admit(6)` waits until the counter of
 //! requests between check and completion is zero, so no write of generation 5 lands after
 //! generation 6's first write. The check (`inflight += 1`, then load the fence) and the
 //! raise (store the fence, then load `inflight`) are `SeqCst`, so either the request sees
-//! the new fence or `admit` sees the request (the classic store-then-load handshake).
+//! the new fence or `admit` sees the request (the classic store-then-load handshake). The
+//! pair (fence, floor) is two words, published with a sequence counter (a seqlock: odd
+//! while a raise is being written) so a request never pairs a new generation with an old
+//! floor; raises are rare and take four stores, so a reader retries at most briefly.
 //!
-//! **Metadata file** (32 bytes, big-endian):
+//! **Metadata file** (32 bytes, big-endian; code in `meta_file.rs`):
 //!
 //! ```text
 //! 0   8  magic "BWREPMD\n"
@@ -44,8 +60,8 @@
 //! file says what really became durable). Refusing too much is safe, admitting too much is
 //! not.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
@@ -53,7 +69,13 @@ use std::time::{Duration, Instant};
 
 use bw_types::{BlockDevice, Generation, IoDone, IoError, IoRequest};
 
-use crate::files::TEMP_SUFFIX;
+#[cfg(test)]
+use crate::crc::crc32c;
+pub(crate) use crate::meta_file::io_err;
+#[cfg(test)]
+use crate::meta_file::{encode_meta, temp_path, StopAfter};
+use crate::meta_file::{read_meta, remove_stale_temp, write_meta};
+use crate::repl_meta::default_repl_meta_path_for;
 use crate::volume::LocalVolume;
 
 /// Suffix of the metadata file next to a volume file ([`default_meta_path`]).
@@ -61,9 +83,6 @@ pub const META_SUFFIX: &str = ".meta";
 
 /// Size of the metadata file.
 pub const META_LEN: usize = 32;
-
-const META_MAGIC: [u8; 8] = *b"BWREPMD\n";
-const META_VERSION: u32 = 1;
 
 /// Longest [`Replica::admit`] waits for requests of older generations to finish after
 /// raising the fence. Hit → `AdmitError::DrainTimeout`: the fence stays raised (older
@@ -96,13 +115,28 @@ impl std::fmt::Debug for ReplicaOptions {
     }
 }
 
-/// A request or admission of an older generation than the replica's highest.
+/// A request or admission below the replica's fence: an older generation than the
+/// highest, or the highest generation with a session below its floor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fenced {
     /// The generation that was refused.
     pub generation: Generation,
+    /// The session that was refused (0 = no session).
+    pub session: u64,
     /// The replica's highest generation (`u64::MAX` after a failed metadata write).
+    /// Equal to `generation` when only the session was too old: a newer session of the
+    /// same attachment exists, not a newer attachment.
     pub highest: Generation,
+    /// The session floor of `highest` (0 = no session admitted for it).
+    pub floor: u64,
+}
+
+impl Fenced {
+    /// True if only the session was refused: the refused request's attachment is still the
+    /// newest one, but it opened a newer session since.
+    pub fn is_stale_session(&self) -> bool {
+        self.generation == self.highest && self.highest.0 != POISONED
+    }
 }
 
 impl std::fmt::Display for Fenced {
@@ -112,6 +146,12 @@ impl std::fmt::Display for Fenced {
                 f,
                 "fenced: generation {} refused, the replica's generation record failed (fail-stop)",
                 self.generation
+            )
+        } else if self.is_stale_session() {
+            write!(
+                f,
+                "fenced: session {} of generation {} < session {}",
+                self.session, self.generation, self.floor
             )
         } else {
             write!(
@@ -147,15 +187,6 @@ pub enum ReplicaError {
     },
 }
 
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ReplicaError {
-    let path = path.to_path_buf();
-    move |source| ReplicaError::Io {
-        action,
-        path,
-        source,
-    }
-}
-
 /// A refused [`Replica::admit`].
 #[derive(Debug, thiserror::Error)]
 pub enum AdmitError {
@@ -168,8 +199,11 @@ pub enum AdmitError {
         #[source]
         source: ReplicaError,
     },
-    /// Requests of older generations did not finish within [`ADMIT_DRAIN_TIMEOUT`].
-    #[error("{inflight} requests of older generations still running after {timeout:?}")]
+    /// Requests of older generations (or sessions) did not finish within
+    /// [`ADMIT_DRAIN_TIMEOUT`].
+    #[error(
+        "{inflight} requests of older generations or sessions still running after {timeout:?}"
+    )]
     DrainTimeout { inflight: u64, timeout: Duration },
 }
 
@@ -186,6 +220,11 @@ struct Gate {
     /// Requests of generations below this are refused. Raised only after the value is
     /// durable (or to `POISONED`).
     fence: AtomicU64,
+    /// Requests of generation `fence` with a session below this are refused.
+    floor: AtomicU64,
+    /// Seqlock over (`fence`, `floor`): odd while `set_floor` writes them. Written only
+    /// under the admit lock.
+    version: AtomicU64,
     /// Requests between a successful check and their completion.
     inflight: AtomicU64,
     /// Lets `admit` sleep until `inflight` is zero; completions notify under it.
@@ -194,6 +233,46 @@ struct Gate {
 }
 
 impl Gate {
+    /// A consistent snapshot of (fence, floor).
+    fn floor(&self) -> (u64, u64) {
+        let mut spins = 0u32;
+        loop {
+            let before = self.version.load(SeqCst);
+            if before & 1 == 0 {
+                let pair = (self.fence.load(SeqCst), self.floor.load(SeqCst));
+                if self.version.load(SeqCst) == before {
+                    return pair;
+                }
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                // The writer was preempted between its stores; let it run.
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Publishes a new (fence, floor); callers hold the admit lock.
+    fn set_floor(&self, fence: u64, floor: u64) {
+        self.version.fetch_add(1, SeqCst);
+        self.fence.store(fence, SeqCst);
+        self.floor.store(floor, SeqCst);
+        self.version.fetch_add(1, SeqCst);
+    }
+
+    /// The refusal of `(generation, session)` under `(fence, floor)`, if any.
+    fn check(generation: Generation, session: u64, (fence, floor): (u64, u64)) -> Option<Fenced> {
+        let below = generation.0 < fence || (generation.0 == fence && session < floor);
+        (below || fence == POISONED).then_some(Fenced {
+            generation,
+            session,
+            highest: Generation(fence),
+            floor,
+        })
+    }
+
     fn leave(&self) {
         if self.inflight.fetch_sub(1, SeqCst) == 1 {
             // Taking the mutex orders this notify after a waiter's check of `inflight`.
@@ -235,6 +314,11 @@ struct AdmitState {
 pub struct Replica {
     volume: LocalVolume,
     meta_path: PathBuf,
+    /// The replication-metadata file (`repl_meta.rs`).
+    pub(crate) repl_path: PathBuf,
+    /// Serialises replication-metadata writes, so a later write is never overwritten by an
+    /// earlier one still in progress.
+    pub(crate) repl_lock: Mutex<()>,
     gate: Arc<Gate>,
     admit: Mutex<AdmitState>,
     on_advance: Option<AdvanceCallback>,
@@ -266,18 +350,16 @@ impl Replica {
     }
 
     /// Opens a replica over `volume` with the metadata at `meta_path` (which must exist).
-    /// Deletes a temporary metadata file left by a crash.
+    /// Deletes temporary files a crash left next to the generation record and the
+    /// replication metadata (`<volume file>.repl`, see [`crate::default_repl_meta_path`]).
     pub fn open(
         volume: LocalVolume,
         meta_path: &Path,
         options: ReplicaOptions,
     ) -> Result<Replica, ReplicaError> {
-        let tmp = temp_path(meta_path);
-        match fs::remove_file(&tmp) {
-            Ok(()) => fsync_parent(meta_path)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("remove stale", &tmp)(e)),
-        }
+        let repl_path = default_repl_meta_path_for(meta_path);
+        remove_stale_temp(meta_path)?;
+        remove_stale_temp(&repl_path)?;
         let highest = read_meta(meta_path)?;
         let gate = Gate {
             fence: AtomicU64::new(highest),
@@ -286,6 +368,8 @@ impl Replica {
         Ok(Replica {
             volume,
             meta_path: meta_path.to_path_buf(),
+            repl_path,
+            repl_lock: Mutex::new(()),
             gate: Arc::new(gate),
             admit: Mutex::new(AdmitState {
                 durable: highest,
@@ -310,12 +394,31 @@ impl Replica {
         Generation(self.gate.fence.load(SeqCst))
     }
 
-    /// Admits an attachment of generation `generation`; see the module docs for the rules.
-    /// Blocks: it may write and fsync the metadata file and wait for older requests (up to
-    /// [`ADMIT_DRAIN_TIMEOUT`]); async callers run it on a blocking thread.
+    /// The session floor of the highest generation (0 until a session was admitted for it).
+    pub fn session_floor(&self) -> u64 {
+        self.gate.floor().1
+    }
+
+    /// Admits an attachment of generation `generation` without a session (session 0); see
+    /// [`Replica::admit_session`].
     pub fn admit(&self, generation: Generation) -> Result<Generation, AdmitError> {
+        self.admit_session(generation, 0)
+    }
+
+    /// Admits session `session` of the attachment of generation `generation`; see the
+    /// module docs for the rules. Refused ([`AdmitError::Fenced`]) if `(generation,
+    /// session)` is below `(highest, floor)`. A higher generation is first made durable; a
+    /// higher generation or session raises the fence at once and then waits until every
+    /// request admitted below it has completed. Blocks: it may write and fsync the metadata
+    /// file and wait for older requests (up to [`ADMIT_DRAIN_TIMEOUT`]); async callers run
+    /// it on a blocking thread.
+    pub fn admit_session(
+        &self,
+        generation: Generation,
+        session: u64,
+    ) -> Result<Generation, AdmitError> {
         let mut advanced = None;
-        let result = self.admit_locked(generation, &mut advanced);
+        let result = self.admit_locked(generation, session, &mut advanced);
         // Outside the admit lock: the callback may call back into the replica.
         if let (Some(cb), Some(previous)) = (&self.on_advance, advanced) {
             cb(previous, generation);
@@ -328,25 +431,27 @@ impl Replica {
     fn admit_locked(
         &self,
         generation: Generation,
+        session: u64,
         advanced: &mut Option<Generation>,
     ) -> Result<Generation, AdmitError> {
         let mut state = self.admit.lock().unwrap();
-        let fence = self.gate.fence.load(SeqCst);
-        if generation.0 < fence || fence == POISONED {
-            return Err(Fenced {
-                generation,
-                highest: Generation(fence),
-            }
-            .into());
+        let (fence, floor) = self.gate.floor();
+        if let Some(fenced) = Gate::check(generation, session, (fence, floor)) {
+            return Err(fenced.into());
         }
         if generation.0 > state.durable {
             if let Err(source) = write_meta(&self.meta_path, generation.0, None) {
-                self.gate.fence.store(POISONED, SeqCst);
+                self.gate.set_floor(POISONED, 0);
                 return Err(AdmitError::Persist { generation, source });
             }
             *advanced = Some(Generation(state.durable));
             state.durable = generation.0;
-            self.gate.fence.store(generation.0, SeqCst);
+            // A new generation starts with this session as its floor (0 without one).
+            self.gate.set_floor(generation.0, session);
+            state.drain_pending = true;
+        } else if session > floor {
+            // Same generation (lower ones were refused above), newer session.
+            self.gate.set_floor(fence, session);
             state.drain_pending = true;
         }
         if state.drain_pending {
@@ -373,30 +478,28 @@ impl Replica {
         }
     }
 
-    /// Checks `generation` against the fence and counts the request in flight until the
-    /// returned guard is dropped. The fast path is two atomic operations.
+    /// [`Replica::enter_session`] without a session (session 0).
     pub fn enter(&self, generation: Generation) -> Result<InFlight, Fenced> {
-        let early = self.gate.fence.load(SeqCst);
-        if generation.0 < early || early == POISONED {
+        self.enter_session(generation, 0)
+    }
+
+    /// Checks `(generation, session)` against the fence and the session floor and counts
+    /// the request in flight until the returned guard is dropped. The fast path is one
+    /// atomic add and two snapshots of three atomic loads.
+    pub fn enter_session(&self, generation: Generation, session: u64) -> Result<InFlight, Fenced> {
+        if let Some(fenced) = Gate::check(generation, session, self.gate.floor()) {
             // Refused without touching the count, so a stream of fenced requests cannot
             // keep a draining `admit` from ever seeing zero.
-            return Err(Fenced {
-                generation,
-                highest: Generation(early),
-            });
+            return Err(fenced);
         }
         // Count first, then check again: see "Why the drain" in the module docs.
         self.gate.inflight.fetch_add(1, SeqCst);
         let guard = InFlight {
             gate: Arc::clone(&self.gate),
         };
-        let fence = self.gate.fence.load(SeqCst);
-        if generation.0 < fence || fence == POISONED {
+        if let Some(fenced) = Gate::check(generation, session, self.gate.floor()) {
             drop(guard);
-            return Err(Fenced {
-                generation,
-                highest: Generation(fence),
-            });
+            return Err(fenced);
         }
         Ok(guard)
     }
@@ -413,54 +516,94 @@ impl Replica {
         );
     }
 
-    /// [`Replica::enter`] + [`Replica::submit_entered`]; a fenced request completes with
-    /// `IoError::Faulted("fenced: generation G < H")`.
+    /// [`Replica::submit_session`] without a session (session 0).
     pub fn submit(&self, generation: Generation, req: IoRequest, done: IoDone) {
-        match self.enter(generation) {
+        self.submit_session(generation, 0, req, done);
+    }
+
+    /// [`Replica::enter_session`] + [`Replica::submit_entered`]; a fenced request completes
+    /// with `IoError::Faulted("fenced: …")` (the [`Fenced`] message) and never reaches the
+    /// volume.
+    pub fn submit_session(
+        &self,
+        generation: Generation,
+        session: u64,
+        req: IoRequest,
+        done: IoDone,
+    ) {
+        match self.enter_session(generation, session) {
             Ok(entered) => self.submit_entered(entered, req, done),
             Err(fenced) => done(Err(fenced.into())),
         }
     }
 
-    /// Admits `generation` and returns the block device a local attachment of that
-    /// generation serves (the NBD server's device on the attached node).
+    /// Admits `generation` (session 0) and returns the block device a local attachment of
+    /// that generation serves (the NBD server's device on the attached node).
     pub fn device_for(
         self: &Arc<Self>,
         generation: Generation,
     ) -> Result<Arc<ReplicaDevice>, AdmitError> {
-        self.admit(generation)?;
-        Ok(Arc::new(ReplicaDevice {
+        self.device_for_session(generation, 0).map(Arc::new)
+    }
+
+    /// Admits session `session` of generation `generation` ([`Replica::admit_session`]:
+    /// blocks while older sessions drain) and returns a device whose every request carries
+    /// that pair.
+    pub fn device_for_session(
+        self: &Arc<Self>,
+        generation: Generation,
+        session: u64,
+    ) -> Result<ReplicaDevice, AdmitError> {
+        self.admit_session(generation, session)?;
+        Ok(ReplicaDevice {
             replica: Arc::clone(self),
             generation,
-        }))
+            session,
+        })
     }
 }
 
 /// A local attachment's view of a replica: every request is checked against the fence, and
 /// fails with `IoError::Faulted("fenced: generation G < H")` once a newer generation was
-/// admitted.
+/// admitted (or `"fenced: session S of generation G < session F"` once a newer session of
+/// the same generation was). [`ReplicaDevice::fenced`] tells which.
 pub struct ReplicaDevice {
     replica: Arc<Replica>,
     generation: Generation,
+    /// 0 for a device from [`Replica::device_for`].
+    session: u64,
 }
 
 impl std::fmt::Debug for ReplicaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicaDevice")
             .field("generation", &self.generation)
+            .field("session", &self.session)
             .field("fenced", &self.is_fenced())
             .finish()
     }
 }
 
 impl ReplicaDevice {
-    /// True once the replica admitted a newer generation (or fail-stopped its fence).
+    /// True once the replica admitted a newer generation or session (or fail-stopped its
+    /// fence).
     pub fn is_fenced(&self) -> bool {
-        self.replica.enter(self.generation).is_err()
+        self.fenced().is_some()
+    }
+
+    /// Why this device's requests are refused, if they are: [`Fenced::highest`] is the
+    /// replica's highest generation, [`Fenced::is_stale_session`] tells a newer session of
+    /// the same attachment from a newer attachment.
+    pub fn fenced(&self) -> Option<Fenced> {
+        Gate::check(self.generation, self.session, self.replica.gate.floor())
     }
 
     pub fn generation(&self) -> Generation {
         self.generation
+    }
+
+    pub fn session(&self) -> u64 {
+        self.session
     }
 
     pub fn replica(&self) -> &Arc<Replica> {
@@ -474,129 +617,9 @@ impl BlockDevice for ReplicaDevice {
     }
 
     fn submit(&self, req: IoRequest, done: IoDone) {
-        self.replica.submit(self.generation, req, done);
+        self.replica
+            .submit_session(self.generation, self.session, req, done);
     }
-}
-
-// ----- The metadata file ---------------------------------------------------------------------
-
-/// Where a step of [`write_meta`] stops, to simulate a crash there (tests only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StopAfter {
-    /// The temporary file is written and synced, not renamed.
-    TempWritten,
-    /// Renamed into place, directory not synced.
-    Renamed,
-}
-
-fn temp_path(meta_path: &Path) -> PathBuf {
-    let name = meta_path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    meta_path.with_file_name(format!(".{name}{TEMP_SUFFIX}"))
-}
-
-fn fsync_parent(path: &Path) -> Result<(), ReplicaError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync the directory of", path))
-}
-
-/// Writes `highest` durably: temporary file, fsync, rename over the old file, fsync of the
-/// directory.
-pub(crate) fn write_meta(
-    path: &Path,
-    highest: u64,
-    stop: Option<StopAfter>,
-) -> Result<(), ReplicaError> {
-    let tmp = temp_path(path);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    f.write_all(&encode_meta(highest))
-        .map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("fsync", &tmp))?;
-    drop(f);
-    if stop == Some(StopAfter::TempWritten) {
-        return Ok(());
-    }
-    fs::rename(&tmp, path).map_err(io_err("rename into place", path))?;
-    if stop == Some(StopAfter::Renamed) {
-        return Ok(());
-    }
-    fsync_parent(path)
-}
-
-fn read_meta(path: &Path) -> Result<u64, ReplicaError> {
-    let mut f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(ReplicaError::MetaMissing { path: path.into() })
-        }
-        Err(e) => return Err(io_err("open", path)(e)),
-    };
-    let mut buf = Vec::with_capacity(META_LEN + 1);
-    // One byte more than expected tells a longer file from a good one.
-    (&mut f)
-        .take(META_LEN as u64 + 1)
-        .read_to_end(&mut buf)
-        .map_err(io_err("read", path))?;
-    decode_meta(&buf).map_err(|reason| ReplicaError::MetaCorrupt {
-        path: path.into(),
-        reason,
-    })
-}
-
-fn encode_meta(highest: u64) -> [u8; META_LEN] {
-    let mut b = [0u8; META_LEN];
-    b[0..8].copy_from_slice(&META_MAGIC);
-    b[8..12].copy_from_slice(&META_VERSION.to_be_bytes());
-    b[16..24].copy_from_slice(&highest.to_be_bytes());
-    let crc = crc32c(&b[..28]);
-    b[28..32].copy_from_slice(&crc.to_be_bytes());
-    b
-}
-
-fn decode_meta(b: &[u8]) -> Result<u64, String> {
-    if b.len() != META_LEN {
-        return Err(format!("{} bytes instead of {META_LEN}", b.len()));
-    }
-    if b[0..8] != META_MAGIC {
-        return Err("bad magic".into());
-    }
-    let crc = u32::from_be_bytes(b[28..32].try_into().expect("4 bytes"));
-    if crc != crc32c(&b[..28]) {
-        return Err("checksum mismatch".into());
-    }
-    let version = u32::from_be_bytes(b[8..12].try_into().expect("4 bytes"));
-    if version != META_VERSION {
-        return Err(format!("unknown format version {version}"));
-    }
-    Ok(u64::from_be_bytes(b[16..24].try_into().expect("8 bytes")))
-}
-
-/// CRC-32C (Castagnoli), bitwise: the file is 28 bytes, a table would be wasted.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 #[cfg(test)]

@@ -61,7 +61,8 @@ fn highest_generation_persists_across_reopen() {
             err,
             AdmitError::Fenced(Fenced {
                 generation: Generation(6),
-                highest: Generation(7)
+                highest: Generation(7),
+                ..
             })
         ),
         "{err}"
@@ -235,4 +236,72 @@ fn advance_callback_reports_raises() {
     assert!(r.device_for(Generation(8)).is_err());
     assert_eq!(*log.lock().unwrap(), vec![(0, 5), (5, 9)]);
     assert_eq!(BlockDevice::size_bytes(&*dev9), 4096);
+}
+
+// Goal: the session floor is a lexicographic floor on (generation, session): lower sessions
+// of the highest generation are refused (admission and requests), session 0 included once
+// a floor exists, and a new generation starts with a fresh floor.
+#[test]
+fn session_floor_fences_older_sessions_and_resets_with_generation() {
+    let dir = TempDir::new("replica").unwrap();
+    let r = Arc::new(open(&fresh(&dir)));
+    let s1 = r.device_for_session(Generation(5), 1).unwrap();
+    let old_style = Arc::new(ReplicaDevice {
+        replica: Arc::clone(&r),
+        generation: Generation(5),
+        session: 0,
+    });
+    assert_eq!(r.session_floor(), 1);
+    assert!(old_style.is_fenced(), "session 0 is below any raised floor");
+    let err = r.admit(Generation(5)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "fenced: session 0 of generation 5 < session 1"
+    );
+    assert_eq!(
+        run(&r, 5, write(0, 1)),
+        Err(IoError::Faulted(
+            "fenced: session 0 of generation 5 < session 1".into()
+        ))
+    );
+    assert_eq!(
+        BlockDevice::size_bytes(&s1),
+        1 << 20,
+        "the device serves the volume"
+    );
+    let (tx, rx) = mpsc::channel();
+    s1.submit(write(0, 1), Box::new(move |res| tx.send(res).unwrap()));
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        Ok(IoReply::Done)
+    );
+
+    // Session 2 fences session 1; re-admitting session 2 (a second connection) is fine.
+    let s2 = r.device_for_session(Generation(5), 2).unwrap();
+    r.admit_session(Generation(5), 2).unwrap();
+    let f = s1.fenced().expect("session 1 fenced");
+    assert!(f.is_stale_session(), "{f:?}");
+    assert_eq!((f.highest, f.floor, f.session), (Generation(5), 2, 1));
+    assert!(!s2.is_fenced());
+    let err = r.admit_session(Generation(5), 1).unwrap_err();
+    assert!(
+        matches!(err, AdmitError::Fenced(f) if f.is_stale_session()),
+        "{err}"
+    );
+
+    // A new generation (even with a lower session number) resets the floor.
+    let g6 = r.device_for_session(Generation(6), 1).unwrap();
+    assert_eq!((r.highest(), r.session_floor()), (Generation(6), 1));
+    let f = s2.fenced().expect("generation 5 fenced");
+    assert!(!f.is_stale_session());
+    assert_eq!(f.to_string(), "fenced: generation 5 < 6");
+    assert!(!g6.is_fenced());
+    r.admit_session(Generation(7), 0).unwrap();
+    assert_eq!(r.session_floor(), 0);
+    assert!(g6.is_fenced());
+    // The floor is not persisted: after a reopen only the generation counts.
+    let meta = r.meta_path().to_path_buf();
+    drop((s1, s2, g6, old_style, r));
+    let r = open(&meta);
+    assert_eq!((r.highest(), r.session_floor()), (Generation(7), 0));
 }

@@ -72,12 +72,31 @@ async fn bad_input_is_refused_while_a_good_client_works() {
         "{}",
         r.message
     );
-    let mut future = raw::hello(10, "vol");
-    future[8..12].copy_from_slice(&[0, 2, 0, 3]);
+    let mut future = Vec::new();
+    let (min, max) = (PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2);
+    peer_proto::encode_hello(
+        &mut future,
+        &peer_proto::Hello {
+            min_version: min,
+            max_version: max,
+            generation: Generation(10),
+            features: 0,
+            node_id: bw_types::NodeId("raw".into()),
+            volume_id: vol(),
+            session: 0,
+        },
+    );
     let r = refusal(raw::handshake(server.addr, &future).await.1);
     assert_eq!(r.code, RefuseCode::VersionUnsupported);
-    assert_eq!((r.server_min_version, r.server_max_version), (1, 1));
-    assert!(r.message.contains("2..=3"), "{}", r.message);
+    assert_eq!(
+        (r.server_min_version, r.server_max_version),
+        (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+    );
+    assert!(
+        r.message.contains(&format!("{min}..={max}")),
+        "{}",
+        r.message
+    );
 
     // After a good handshake: an unknown request type is answered and the connection lives;
     // an oversize frame ends it with a connection-level protocol error.

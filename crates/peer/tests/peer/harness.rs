@@ -92,6 +92,19 @@ impl Server {
             .unwrap()
     }
 
+    /// Connects session `session` of `generation`.
+    pub async fn connect_session(
+        &self,
+        generation: u64,
+        session: u64,
+    ) -> Result<RemoteReplica, peer::ConnectError> {
+        let opts = ConnectOptions {
+            session,
+            ..ConnectOptions::default()
+        };
+        self.connect_with(generation, opts).await
+    }
+
     pub async fn connect_with(
         &self,
         generation: u64,
@@ -234,6 +247,7 @@ pub mod raw {
                 features: 0,
                 node_id: NodeId("raw".into()),
                 volume_id: VolumeId(volume.into()),
+                session: 0,
             },
         );
         out

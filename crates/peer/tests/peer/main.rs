@@ -6,3 +6,4 @@ mod failures;
 mod fencing;
 mod harness;
 mod round_trip;
+mod sessions;
