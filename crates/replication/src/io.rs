@@ -71,6 +71,11 @@ pub enum Event {
     Fenced { highest: Generation },
     /// The lease is gone (self-fencing deadline passed, or it was revoked).
     LeaseLost,
+    /// The operator added a replica to the live volume (`volume add-replica`): it starts out
+    /// of sync with `dirty` to copy (every region, for a new empty replica), receives writes
+    /// once connected, and counts only after its resync and "mark in sync" transaction. An
+    /// id the core already knows is ignored.
+    AddReplica(crate::config::ReplicaInit),
 }
 
 /// How a replica answered one operation.

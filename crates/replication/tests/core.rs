@@ -486,3 +486,46 @@ fn limits_refuse_bad_requests() {
         Err(RequestError::OutOfRange)
     );
 }
+
+#[test]
+fn added_replica_is_filled_by_resync_and_counts_only_after_it_rejoined() {
+    let mut h = H::serving_pair();
+    h.ev(Event::AddReplica(ReplicaInit {
+        id: rid(2),
+        local: false,
+        in_sync: false,
+        last_in_sync_generation: Generation(0),
+        dirty: set(&[0, 1, 2, 3]),
+    }));
+    // Not connected yet: writes are acknowledged by the two in-sync replicas alone.
+    let sent = writes_sent(&h.write(1, 5 * KIB, 512));
+    assert_eq!(sent.iter().map(|s| s.0).collect::<Vec<_>>(), vec![0, 1]);
+    h.ack(0, sent[0].1);
+    let e = h.ack(1, sent[1].1);
+    assert_eq!(replies(&e).len(), 1, "acknowledged without the new replica");
+    let e = h.ev(Event::ReplicaUp {
+        replica: rid(2),
+        session: sess(2),
+    });
+    assert!(
+        e.iter()
+            .any(|e| matches!(e, Effect::Notify(Notice::ResyncStarted { regions: 5, .. }))),
+        "every given region plus the one written meanwhile: {e:?}"
+    );
+    assert_eq!(
+        h.core.replica_state(rid(2)),
+        Some(replication::ReplicaState::Resyncing)
+    );
+    // Adding a known id again changes nothing.
+    h.ev(Event::AddReplica(ReplicaInit {
+        id: rid(2),
+        local: false,
+        in_sync: false,
+        last_in_sync_generation: Generation(0),
+        dirty: RegionSet::new(),
+    }));
+    assert_eq!(
+        h.core.replica_state(rid(2)),
+        Some(replication::ReplicaState::Resyncing)
+    );
+}

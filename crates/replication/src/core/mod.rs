@@ -262,8 +262,25 @@ impl Replicator {
             Event::Tick { now_ms } => self.tick(now_ms),
             Event::Fenced { highest } => self.stop(StopReason::Fenced(highest), out),
             Event::LeaseLost => self.stop(StopReason::LeaseLost, out),
+            Event::AddReplica(ri) => self.add_replica(ri),
         }
         self.pump(out);
+    }
+
+    /// A replica added to the live volume: out of sync, every given region dirty. Nothing
+    /// waits for it until it rejoins, so adding it cannot stall writes.
+    fn add_replica(&mut self, ri: crate::config::ReplicaInit) {
+        if self.replicas.contains_key(&ri.id) {
+            return;
+        }
+        let r = Replica::new(
+            ri.id,
+            ri.local,
+            Membership::OutOfSync,
+            ri.dirty,
+            ri.last_in_sync_generation,
+        );
+        self.replicas.insert(ri.id, r);
     }
 
     /// Re-derives everything that can move, until nothing does.
@@ -395,6 +412,13 @@ impl Replicator {
     /// The state of one replica, as status shows it.
     pub fn replica_state(&self, id: ReplicaId) -> Option<ReplicaState> {
         self.replicas.get(&id).map(Replica::state)
+    }
+
+    /// Resync credits `id` holds and has not used yet. The driver's rate limiter grants a
+    /// new credit only when this is zero, so at most one region copy's worth of tokens is
+    /// ever banked in the core (the burst stays one region).
+    pub fn resync_credits(&self, id: ReplicaId) -> u32 {
+        self.replicas.get(&id).map_or(0, |r| r.credits)
     }
 
     /// Regions currently in the activity log (in memory; the persisted log may hold more).
