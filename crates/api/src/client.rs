@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::types::{
-    AttachVolume, Attached, CreateVolume, EventView, NodeView, ResizeVolume, StatusView,
-    VolumeSettings, VolumeView,
+    AddReplica, AttachVolume, Attached, CreateVolume, EventView, NodeView, ResizeVolume,
+    StatusView, VolumeSettings, VolumeView,
 };
 
 /// Time to establish the TCP connection; the agent is local or near, so longer means down.
@@ -162,6 +162,18 @@ impl Client {
     pub async fn set_volume(&self, name: &str, settings: &VolumeSettings) -> Result<VolumeView> {
         self.call(Method::PATCH, &volume_path(name, ""), Some(settings))
             .await
+    }
+
+    /// Adds a replica; the answer is the volume with the new replica (not yet in sync).
+    pub async fn add_replica(&self, name: &str, req: &AddReplica) -> Result<VolumeView> {
+        self.call(Method::POST, &volume_path(name, "/replicas"), Some(req))
+            .await
+    }
+
+    /// Removes the replica on `node` (a node name, sent as typed).
+    pub async fn remove_replica(&self, name: &str, node: &str) -> Result<VolumeView> {
+        let path = volume_path(name, &format!("/replicas/{}", encode_segment(node)));
+        self.call(Method::DELETE, &path, None::<&()>).await
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<NodeView>> {
@@ -351,15 +363,19 @@ impl Client {
 /// `/v1/volumes/<name><suffix>` with the name percent-encoded, so whatever the operator typed
 /// reaches the server (which answers `invalid_name` with the name as typed).
 fn volume_path(name: &str, suffix: &str) -> String {
-    let mut p = String::from("/v1/volumes/");
-    for b in name.bytes() {
+    format!("/v1/volumes/{}{suffix}", encode_segment(name))
+}
+
+/// Percent-encodes everything but unreserved characters, for one path segment.
+fn encode_segment(s: &str) -> String {
+    let mut p = String::with_capacity(s.len());
+    for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~') {
             p.push(b as char);
         } else {
             p.push_str(&format!("%{b:02X}"));
         }
     }
-    p.push_str(suffix);
     p
 }
 

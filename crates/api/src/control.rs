@@ -12,7 +12,8 @@ use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::types::{
-    Attached, CreateVolume, EventQuery, EventView, NodeView, StatusView, VolumeSettings, VolumeView,
+    AddReplica, Attached, CreateVolume, EventQuery, EventView, NodeView, StatusView,
+    VolumeSettings, VolumeView,
 };
 
 /// A live event stream: the server writes each event as one JSON line until the sender is
@@ -63,6 +64,24 @@ pub trait Control: Send + Sync + 'static {
         &self,
         name: Name,
         settings: VolumeSettings,
+    ) -> impl Future<Output = Result<VolumeView, ApiError>> + Send;
+
+    /// Add a replica on `req.node` and start filling it in the background; answers at once
+    /// with the volume (the new replica not yet in sync). `NotFound` for an unknown volume or
+    /// node, `AlreadyExists` if that node already holds a replica. The server has validated
+    /// both names.
+    fn add_replica(
+        &self,
+        name: Name,
+        req: AddReplica,
+    ) -> impl Future<Output = Result<VolumeView, ApiError>> + Send;
+
+    /// Remove the replica on `node`. `NotFound` if the volume has no replica there; refused
+    /// when it would leave no replica or fewer than `min_in_sync`.
+    fn remove_replica(
+        &self,
+        name: Name,
+        node: Name,
     ) -> impl Future<Output = Result<VolumeView, ApiError>> + Send;
 
     fn list_nodes(&self) -> impl Future<Output = Result<Vec<NodeView>, ApiError>> + Send;

@@ -23,6 +23,7 @@ pub use control::{Control, EventFollow};
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use server::{serve, OPENAPI_JSON, ROUTES};
 pub use types::{
-    AttachVolume, Attached, AttachmentView, CreateVolume, EventQuery, EventView, Level, Mode,
-    NodeView, ReplicaView, ResizeVolume, StatusView, VolumeSettings, VolumeState, VolumeView,
+    AddReplica, AttachVolume, Attached, AttachmentView, CreateVolume, EventQuery, EventView, Level,
+    Mode, NodeView, ReplicaView, ResizeVolume, ResyncView, StatusView, VolumeSettings, VolumeState,
+    VolumeView,
 };

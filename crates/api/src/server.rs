@@ -23,8 +23,8 @@ use crate::control::{Control, EventFollow};
 use crate::error::{ApiError, ErrorCode};
 use crate::http::{self, read_body, Reject, Resp};
 use crate::types::{
-    size_from_json, AttachVolume, CreateVolume, EventQuery, ResizeVolume, VolumeSettings,
-    DEFAULT_EVENT_LIMIT, MAX_EVENT_LIMIT,
+    size_from_json, AddReplica, AttachVolume, CreateVolume, EventQuery, ResizeVolume,
+    VolumeSettings, DEFAULT_EVENT_LIMIT, MAX_EVENT_LIMIT,
 };
 
 /// The committed OpenAPI document, served at `/v1/openapi.json`.
@@ -54,6 +54,8 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/volumes/{name}/resize", &["POST"]),
     ("/v1/volumes/{name}/attach", &["POST"]),
     ("/v1/volumes/{name}/detach", &["POST"]),
+    ("/v1/volumes/{name}/replicas", &["POST"]),
+    ("/v1/volumes/{name}/replicas/{node}", &["DELETE"]),
     ("/v1/nodes", &["GET"]),
     ("/v1/status", &["GET"]),
     ("/v1/events", &["GET"]),
@@ -133,23 +135,43 @@ async fn serve_conn<C: Control>(
     }
 }
 
-/// Finds the route template for `path`, and the `{name}` segment if it has one.
-pub fn match_route(path: &str) -> Option<(&'static str, Option<&str>)> {
+/// A path matched against `ROUTES`: the template and the raw (still percent-encoded) values
+/// of its placeholder segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteMatch<'a> {
+    pub tmpl: &'static str,
+    /// The `{name}` segment (a volume name), if the route has one.
+    pub name: Option<&'a str>,
+    /// The `{node}` segment (a node name), if the route has one.
+    pub node: Option<&'a str>,
+}
+
+/// Finds the route template for `path`. A placeholder matches one non-empty segment.
+pub fn match_route(path: &str) -> Option<RouteMatch<'_>> {
     let segs: Vec<&str> = path.split('/').collect();
     'routes: for (tmpl, _) in ROUTES {
         let t: Vec<&str> = tmpl.split('/').collect();
         if t.len() != segs.len() {
             continue;
         }
-        let mut name = None;
+        let mut m = RouteMatch {
+            tmpl,
+            name: None,
+            node: None,
+        };
         for (want, got) in t.iter().zip(&segs) {
-            if *want == "{name}" && !got.is_empty() {
-                name = Some(*got);
-            } else if want != got {
+            let slot = match *want {
+                "{name}" => &mut m.name,
+                "{node}" => &mut m.node,
+                _ if want == got => continue,
+                _ => continue 'routes,
+            };
+            if got.is_empty() {
                 continue 'routes;
             }
+            *slot = Some(*got);
         }
-        return Some((tmpl, name));
+        return Some(m);
     }
     None
 }
@@ -160,7 +182,12 @@ async fn handle<C: Control>(
     shutdown: watch::Receiver<bool>,
 ) -> Resp {
     let path = req.uri().path().to_owned();
-    let Some((tmpl, raw_name)) = match_route(&path) else {
+    let Some(RouteMatch {
+        tmpl,
+        name: raw_name,
+        node: raw_node,
+    }) = match_route(&path)
+    else {
         return http::error(ApiError::not_found(format!("no such route: {path}")));
     };
     let methods = ROUTES
@@ -183,7 +210,15 @@ async fn handle<C: Control>(
         Ok(n) => n,
         Err(r) => return r.into_response(),
     };
-    match dispatch(tmpl, name, req, ctl, shutdown).await {
+    let node = match raw_node
+        .map(|n| parse_node_name(&percent_decode(n)))
+        .transpose()
+    {
+        Ok(n) => n,
+        Err(r) => return r.into_response(),
+    };
+    let params = Params { name, node };
+    match dispatch(tmpl, params, req, ctl, shutdown).await {
         Ok(r) => r,
         Err(r) => r.into_response(),
     }
@@ -196,6 +231,21 @@ fn parse_name(s: &str) -> Result<Name, Reject> {
             format!("invalid volume name {s:?}: {e}"),
         )
     })
+}
+
+fn parse_node_name(s: &str) -> Result<Name, Reject> {
+    Name::new(s).map_err(|e| {
+        Reject::code(
+            ErrorCode::InvalidName,
+            format!("invalid node name {s:?}: {e}"),
+        )
+    })
+}
+
+/// The validated placeholder segments of a request's path.
+struct Params {
+    name: Option<Name>,
+    node: Option<Name>,
 }
 
 /// Decodes `%XX` escapes so an invalid name is reported as the client typed it.
@@ -231,7 +281,7 @@ fn ctl_err(e: ApiError) -> Reject {
 
 async fn dispatch<C: Control>(
     tmpl: &'static str,
-    name: Option<Name>,
+    params: Params,
     req: Request<Incoming>,
     ctl: &C,
     shutdown: watch::Receiver<bool>,
@@ -240,10 +290,18 @@ async fn dispatch<C: Control>(
     let q = req.uri().query().map(str::to_owned);
     let q = q.as_deref();
     let ok = StatusCode::OK;
-    // Routes with a `{name}` segment always carry one (match_route guarantees it).
+    // Routes with a `{name}` or `{node}` segment always carry one (match_route guarantees it).
     let name = || {
-        name.clone()
+        params
+            .name
+            .clone()
             .ok_or_else(|| Reject::bad("missing volume name"))
+    };
+    let node = || {
+        params
+            .node
+            .clone()
+            .ok_or_else(|| Reject::bad("missing node name"))
     };
     match (tmpl, method) {
         ("/v1/volumes", Method::GET) => {
@@ -273,7 +331,7 @@ async fn dispatch<C: Control>(
                 body_with_size(req.into_body(), "resync_rate_bytes_per_s", false).await?;
             if settings.is_empty() {
                 return Err(Reject::bad(
-                    "nothing to change: give mode and/or resync_rate_bytes_per_s",
+                    "nothing to change: give at least one of mode, resync_rate_bytes_per_s, min_in_sync",
                 ));
             }
             Ok(http::json(
@@ -301,6 +359,19 @@ async fn dispatch<C: Control>(
             ctl.detach_volume(name()?).await.map_err(ctl_err)?;
             Ok(http::no_content())
         }
+        ("/v1/volumes/{name}/replicas", Method::POST) => {
+            let r = add_replica_request(req.into_body()).await?;
+            Ok(http::json(
+                ok,
+                &ctl.add_replica(name()?, r).await.map_err(ctl_err)?,
+            ))
+        }
+        ("/v1/volumes/{name}/replicas/{node}", Method::DELETE) => Ok(http::json(
+            ok,
+            &ctl.remove_replica(name()?, node()?)
+                .await
+                .map_err(ctl_err)?,
+        )),
         ("/v1/nodes", Method::GET) => Ok(http::json(ok, &ctl.list_nodes().await.map_err(ctl_err)?)),
         ("/v1/status", Method::GET) => Ok(http::json(ok, &ctl.status().await.map_err(ctl_err)?)),
         ("/v1/events", Method::GET) => events(q, ctl, shutdown).await,
@@ -331,6 +402,24 @@ async fn create_request(body: Incoming) -> Result<CreateVolume, Reject> {
         None => return Err(Reject::bad("missing field `name`")),
     }
     check_size(&m, "size_bytes", true)?;
+    check_size(&m, "resync_rate_bytes_per_s", false)?;
+    http::decode(m)
+}
+
+/// Checks the node name (`invalid_name`) and the rate (`invalid_size`), then decodes.
+async fn add_replica_request(body: Incoming) -> Result<AddReplica, Reject> {
+    let m = http::json_object(&read_body(body).await?)?;
+    match m.get("node") {
+        Some(serde_json::Value::String(s)) => drop(parse_node_name(s)?),
+        Some(_) => {
+            return Err(Reject::code(
+                ErrorCode::InvalidName,
+                "node must be a string",
+            ))
+        }
+        None => return Err(Reject::bad("missing field `node`")),
+    }
+    check_size(&m, "resync_rate_bytes_per_s", false)?;
     http::decode(m)
 }
 
@@ -382,12 +471,7 @@ async fn attach_request(body: Incoming) -> Result<AttachVolume, Reject> {
     }
     let m = http::json_object(&bytes)?;
     if let Some(serde_json::Value::String(s)) = m.get("node") {
-        Name::new(s).map_err(|e| {
-            Reject::code(
-                ErrorCode::InvalidName,
-                format!("invalid node name {s:?}: {e}"),
-            )
-        })?;
+        parse_node_name(s)?;
     }
     http::decode(m)
 }

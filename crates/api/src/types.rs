@@ -55,6 +55,19 @@ pub struct CreateVolume {
     /// Nodes (by name) to place replicas on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<Name>,
+    /// Fewest in-sync replicas that still accept writes, 1..=`replicas`; the agent's
+    /// default (1) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_in_sync: Option<u32>,
+    /// Resync throttle in bytes per second (or a size string per second, `"100M"`);
+    /// 0 means unthrottled; the agent's default when absent.
+    #[serde(
+        default,
+        alias = "resync_rate",
+        deserialize_with = "de_opt_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub resync_rate_bytes_per_s: Option<u64>,
 }
 
 /// `POST /v1/volumes/{name}/resize`.
@@ -88,12 +101,33 @@ pub struct VolumeSettings {
         skip_serializing_if = "Option::is_none"
     )]
     pub resync_rate_bytes_per_s: Option<u64>,
+    /// Fewest in-sync replicas that still accept writes, 1..=the volume's replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_in_sync: Option<u32>,
 }
 
 impl VolumeSettings {
     pub fn is_empty(&self) -> bool {
-        self.mode.is_none() && self.resync_rate_bytes_per_s.is_none()
+        self.mode.is_none() && self.resync_rate_bytes_per_s.is_none() && self.min_in_sync.is_none()
     }
+}
+
+/// `POST /v1/volumes/{name}/replicas`: add a replica on `node`, filled by a background copy
+/// while the volume stays in use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddReplica {
+    /// Name of the node to hold the new replica.
+    pub node: Name,
+    /// Throttle for this replica's initial copy, bytes per second (or `"100M"`); 0 means
+    /// unthrottled; the volume's setting when absent.
+    #[serde(
+        default,
+        alias = "resync_rate",
+        deserialize_with = "de_opt_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub resync_rate_bytes_per_s: Option<u64>,
 }
 
 /// Answer to an attach.
@@ -116,12 +150,44 @@ pub struct AttachmentView {
     pub explicit: bool,
 }
 
-/// One replica of a volume.
+/// One replica of a volume. From the attached node's replication engine when the volume is
+/// attached (live), else from the catalog.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaView {
+    /// Stable number of the replica within its volume (1, 2, …; never reused).
+    #[serde(default)]
+    pub id: u64,
+    /// Name of the node holding it.
     pub node: String,
-    /// `creating`, `in_sync`, `stale` or `faulted`.
+    /// `creating`, `in_sync`, `stale`, `faulted`, `connecting`, `leaving`, `resyncing` or
+    /// `rejoining`.
     pub state: String,
+    /// True when it has every acknowledged write (it counts towards `min_in_sync`).
+    #[serde(default)]
+    pub in_sync: bool,
+    /// Why it is not in sync, or what its node reports that differs, for humans.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Progress while it is being copied to (`resyncing`, `rejoining`).
+    #[serde(default)]
+    pub resync: Option<ResyncView>,
+}
+
+/// Progress of one replica's resync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncView {
+    /// Bytes copied so far in this resync.
+    #[serde(default)]
+    pub copied_bytes: u64,
+    /// Bytes this resync has to copy in all (the dirty regions, or the whole volume).
+    #[serde(default)]
+    pub total_bytes: u64,
+    /// Measured copy rate over the last few seconds.
+    #[serde(default)]
+    pub rate_bytes_per_s: u64,
+    /// Seconds to completion at the measured rate; `None` until a rate is known.
+    #[serde(default)]
+    pub eta_s: Option<u64>,
 }
 
 /// A volume as the API shows it.
@@ -133,7 +199,7 @@ pub struct VolumeView {
     pub replicas: u32,
     pub mode: Mode,
     pub state: VolumeState,
-    /// True when fewer replicas than `replicas` are in sync.
+    /// True when any placed replica is not in sync.
     #[serde(default)]
     pub degraded: bool,
     pub generation: u64,
@@ -151,7 +217,14 @@ pub struct VolumeView {
     pub spread: Option<String>,
     #[serde(default)]
     pub resync_rate_bytes_per_s: Option<u64>,
+    /// Fewest in-sync replicas that still accept writes.
+    #[serde(default = "one")]
+    pub min_in_sync: u32,
     pub created_at_ms: u64,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A node of the cluster (the only one, embedded).
@@ -282,5 +355,39 @@ mod tests {
         assert!(serde_json::from_str::<VolumeSettings>("{}")
             .unwrap()
             .is_empty());
+        let s: VolumeSettings = serde_json::from_str(r#"{"min_in_sync":2}"#).unwrap();
+        assert_eq!(s.min_in_sync, Some(2));
+        assert!(!s.is_empty());
+    }
+
+    // Goal: create and add-replica take the resync rate as bytes or a size string, under
+    // either name, and refuse unknown fields.
+    #[test]
+    fn replication_fields_accept_sizes_and_refuse_junk() {
+        let c: CreateVolume = serde_json::from_str(
+            r#"{"name":"a","size":"1G","min_in_sync":2,"resync_rate":"100M"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.min_in_sync, Some(2));
+        assert_eq!(c.resync_rate_bytes_per_s, Some(100 << 20));
+        let a: AddReplica = serde_json::from_str(r#"{"node":"n2","resync_rate":0}"#).unwrap();
+        assert_eq!(a.resync_rate_bytes_per_s, Some(0));
+        let a: AddReplica = serde_json::from_str(r#"{"node":"n2"}"#).unwrap();
+        assert_eq!(a.resync_rate_bytes_per_s, None);
+        for bad in [
+            r#"{"node":"N2"}"#,
+            r#"{"node":"n2","rate":1}"#,
+            r#"{"node":"n2","resync_rate":"fast"}"#,
+            r#"{}"#,
+        ] {
+            assert!(serde_json::from_str::<AddReplica>(bad).is_err(), "{bad}");
+        }
+    }
+
+    // Goal: a view from an older agent (no ids, no in_sync, no min_in_sync) still decodes.
+    #[test]
+    fn old_replica_views_decode() {
+        let r: ReplicaView = serde_json::from_str(r#"{"node":"a","state":"in_sync"}"#).unwrap();
+        assert_eq!((r.id, r.in_sync, r.resync), (0, false, None));
     }
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::{Client, ClientError, CreateVolume, ErrorCode, Mode, VolumeSettings};
+use api::{AddReplica, Client, ClientError, CreateVolume, ErrorCode, Mode, VolumeSettings};
 use fake::Fake;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -94,6 +94,8 @@ fn create(name: &str, size_bytes: u64) -> CreateVolume {
         mode: None,
         spread: None,
         nodes: Vec::new(),
+        min_in_sync: None,
+        resync_rate_bytes_per_s: None,
     }
 }
 
@@ -125,6 +127,7 @@ async fn volume_lifecycle_through_client() {
     let settings = VolumeSettings {
         mode: Some(Mode::Async),
         resync_rate_bytes_per_s: Some(100 << 20),
+        min_in_sync: None,
     };
     let v = c.set_volume("db1", &settings).await.unwrap();
     assert_eq!(
@@ -415,11 +418,185 @@ async fn openapi_document_matches_router() {
     // Every served (route, method) reaches a handler: no 405 and no route-level 404/500.
     for (path, methods) in api::ROUTES {
         for m in *methods {
-            let p = path.replace("{name}", "probe");
+            let p = path
+                .replace("{name}", "probe")
+                .replace("{node}", "probe-node");
             let (st, body) = raw(s.addr, &req(m, &p, "{}")).await;
             let unrouted = matches!(st, 405 | 500) || (st == 404 && body.contains("no such route"));
             assert!(!unrouted, "{m} {p} -> {st} {body}");
         }
     }
     s.stop().await;
+}
+
+// Goal: add-replica and remove-replica round-trip through the client with the new replica's
+// id, state and progress, and their errors keep their codes.
+#[tokio::test]
+async fn replicas_added_and_removed_through_client() {
+    let s = start().await;
+    let c = &s.client;
+    let mut req = create("r1", 1 << 30);
+    req.replicas = Some(2);
+    req.min_in_sync = Some(2);
+    req.resync_rate_bytes_per_s = Some(50 << 20);
+    let v = c.create_volume(&req).await.unwrap();
+    assert_eq!((v.replicas, v.min_in_sync), (2, 2));
+    assert_eq!(v.resync_rate_bytes_per_s, Some(50 << 20));
+    let ids: Vec<u64> = v.replica_set.iter().map(|r| r.id).collect();
+    assert_eq!(ids, [1, 2]);
+
+    let add = AddReplica {
+        node: "node-3".parse().unwrap(),
+        resync_rate_bytes_per_s: Some(10 << 20),
+    };
+    let v = c.add_replica("r1", &add).await.unwrap();
+    let r = v.replica_set.iter().find(|r| r.node == "node-3").unwrap();
+    assert_eq!((r.id, r.state.as_str(), r.in_sync), (3, "resyncing", false));
+    let p = r.resync.expect("progress while resyncing");
+    assert_eq!((p.total_bytes, p.rate_bytes_per_s), (1 << 30, 10 << 20));
+    assert!(v.degraded);
+
+    let dup = c.add_replica("r1", &add).await.unwrap_err();
+    assert!(
+        matches!(&dup, ClientError::Api { status: 409, error } if error.code == ErrorCode::AlreadyExists),
+        "{dup:?}"
+    );
+    let unknown = AddReplica {
+        node: "nosuch".parse().unwrap(),
+        resync_rate_bytes_per_s: None,
+    };
+    let e = c.add_replica("r1", &unknown).await.unwrap_err();
+    assert_eq!(e.api_error().unwrap().code, ErrorCode::NotFound, "{e}");
+    assert!(e.to_string().contains("nosuch"), "{e}");
+
+    let v = c.remove_replica("r1", "node-3").await.unwrap();
+    assert_eq!(v.replica_set.len(), 2);
+    assert!(!v.degraded);
+    let e = c.remove_replica("r1", "node-3").await.unwrap_err();
+    assert_eq!(e.api_error().unwrap().code, ErrorCode::NotFound, "{e}");
+    let e = c.remove_replica("r1", "Bad Node").await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Api { status: 400, error } if error.code == ErrorCode::InvalidName && error.message.contains("Bad Node")),
+        "the node name as typed: {e:?}"
+    );
+    let e = c.remove_replica("ghost", "node-1").await.unwrap_err();
+    assert_eq!(e.api_error().unwrap().code, ErrorCode::NotFound, "{e}");
+
+    let v = c
+        .set_volume(
+            "r1",
+            &VolumeSettings {
+                min_in_sync: Some(1),
+                ..VolumeSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(v.min_in_sync, 1);
+    s.stop().await;
+}
+
+// Goal: the replica routes refuse bad names (volume and node, each with its own message),
+// bad rates, unknown fields and wrong methods with clear 4xx answers.
+#[tokio::test]
+async fn replica_routes_refuse_bad_input() {
+    let s = start().await;
+    let a = s.addr;
+    s.client.create_volume(&create("v", 1 << 20)).await.unwrap();
+    let post = |body: &str| req("POST", "/v1/volumes/v/replicas", body);
+
+    let (st, body) = raw(a, &post(r#"{"node":"node-2","resync_rate":"100M"}"#)).await;
+    assert_eq!(st, 200, "good request: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["replica_set"][1]["node"], "node-2", "{body}");
+    assert_eq!(v["replica_set"][1]["resync"]["rate_bytes_per_s"], 100 << 20);
+
+    let (st, body) = raw(a, &post(r#"{"node":"Node 2"}"#)).await;
+    assert_eq!((st, error_code(&body).as_str()), (400, "invalid_name"));
+    assert!(
+        body.contains("invalid node name") && body.contains("Node 2"),
+        "{body}"
+    );
+    let (st, body) = raw(a, &post(r#"{"node":7}"#)).await;
+    assert_eq!(
+        (st, error_code(&body).as_str()),
+        (400, "invalid_name"),
+        "{body}"
+    );
+    let (st, body) = raw(a, &post("{}")).await;
+    assert!(st == 400 && body.contains("missing field `node`"), "{body}");
+    let (st, body) = raw(a, &post(r#"{"node":"node-3","resync_rate":"fast"}"#)).await;
+    assert_eq!(
+        (st, error_code(&body).as_str()),
+        (400, "invalid_size"),
+        "{body}"
+    );
+    let (st, body) = raw(a, &post(r#"{"node":"node-3","rate":1}"#)).await;
+    assert!(st == 400 && body.contains("unknown field `rate`"), "{body}");
+    let (st, body) = raw(
+        a,
+        &req("POST", "/v1/volumes/BAD/replicas", r#"{"node":"node-3"}"#),
+    )
+    .await;
+    assert!(
+        st == 400 && body.contains("invalid volume name"),
+        "the volume name is checked too: {body}"
+    );
+
+    let (st, body) = raw(a, &req("DELETE", "/v1/volumes/v/replicas/No%20de", "")).await;
+    assert_eq!((st, error_code(&body).as_str()), (400, "invalid_name"));
+    assert!(
+        body.contains("invalid node name") && body.contains("No de"),
+        "{body}"
+    );
+    let (st, body) = raw(a, &req("DELETE", "/v1/volumes/v/replicas/", "")).await;
+    assert_eq!(st, 404, "an empty node segment is no route: {body}");
+    let (st, _) = raw(a, &req("GET", "/v1/volumes/v/replicas/node-2", "")).await;
+    assert_eq!(st, 405);
+    let (st, body) = raw(a, &req("DELETE", "/v1/volumes/v/replicas/node-2", "")).await;
+    assert_eq!(st, 200, "{body}");
+
+    let (st, body) = raw(
+        a,
+        &req(
+            "POST",
+            "/v1/volumes",
+            r#"{"name":"y","size":"1M","resync_rate":"x"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (st, error_code(&body).as_str()),
+        (400, "invalid_size"),
+        "{body}"
+    );
+    let (st, body) = raw(
+        a,
+        &req(
+            "POST",
+            "/v1/volumes",
+            r#"{"name":"y","size":"1M","min_in_sync":2,"replicas":2,"resync_rate":0}"#,
+        ),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    s.stop().await;
+}
+
+// Goal: the route matcher binds both placeholders and nothing else.
+#[test]
+fn route_matcher_binds_volume_and_node_segments() {
+    let m = api::server::match_route("/v1/volumes/db/replicas/n-2").unwrap();
+    assert_eq!(
+        (m.tmpl, m.name, m.node),
+        (
+            "/v1/volumes/{name}/replicas/{node}",
+            Some("db"),
+            Some("n-2")
+        )
+    );
+    let m = api::server::match_route("/v1/volumes/db/replicas").unwrap();
+    assert_eq!((m.name, m.node), (Some("db"), None));
+    assert!(api::server::match_route("/v1/volumes//replicas/x").is_none());
+    assert!(api::server::match_route("/v1/volumes/db/replicas/x/y").is_none());
 }

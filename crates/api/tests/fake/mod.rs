@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use api::{
-    ApiError, Attached, AttachmentView, Control, CreateVolume, ErrorCode, EventFollow, EventQuery,
-    EventView, Level, Mode, NodeView, StatusView, VolumeSettings, VolumeState, VolumeView,
+    AddReplica, ApiError, Attached, AttachmentView, Control, CreateVolume, ErrorCode, EventFollow,
+    EventQuery, EventView, Level, Mode, NodeView, ReplicaView, ResyncView, StatusView,
+    VolumeSettings, VolumeState, VolumeView,
 };
 use bw_types::Name;
 use tokio::sync::{broadcast, mpsc};
@@ -61,6 +62,20 @@ impl Fake {
     }
 }
 
+/// The nodes the fake cluster has; replicas can be added on these only.
+pub const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
+
+fn in_sync_replica(id: u64, node: &str) -> ReplicaView {
+    ReplicaView {
+        id,
+        node: node.to_owned(),
+        state: "in_sync".into(),
+        in_sync: true,
+        error: None,
+        resync: None,
+    }
+}
+
 fn uri(name: &str) -> String {
     format!("nbd://127.0.0.1:10809/{name}")
 }
@@ -78,6 +93,7 @@ impl Control for Fake {
             id: format!("id-{}", req.name),
             size_bytes: req.size_bytes,
             replicas: req.replicas.unwrap_or(1),
+            min_in_sync: req.min_in_sync.unwrap_or(1),
             mode: req.mode.unwrap_or(Mode::Sync),
             state: VolumeState::Ready,
             degraded: false,
@@ -85,9 +101,14 @@ impl Control for Fake {
             attached: None,
             in_use_connections: 0,
             nbd_uri: None,
-            replica_set: Vec::new(),
+            replica_set: NODES
+                .iter()
+                .take(req.replicas.unwrap_or(1) as usize)
+                .enumerate()
+                .map(|(i, n)| in_sync_replica(i as u64 + 1, n))
+                .collect(),
             spread: req.spread,
-            resync_rate_bytes_per_s: None,
+            resync_rate_bytes_per_s: req.resync_rate_bytes_per_s,
             created_at_ms: 1,
         };
         let mut vols = self.volumes.lock().unwrap();
@@ -171,6 +192,73 @@ impl Control for Fake {
             if let Some(r) = s.resync_rate_bytes_per_s {
                 v.resync_rate_bytes_per_s = Some(r);
             }
+            if let Some(k) = s.min_in_sync {
+                if k == 0 || k > v.replicas {
+                    return Err(ApiError::bad_request(format!(
+                        "min_in_sync {k} must be between 1 and {}",
+                        v.replicas
+                    )));
+                }
+                v.min_in_sync = k;
+            }
+            Ok(v.clone())
+        })
+    }
+
+    async fn add_replica(&self, name: Name, req: AddReplica) -> Result<VolumeView, ApiError> {
+        let node = req.node.to_string();
+        if !NODES.contains(&node.as_str()) {
+            return Err(ApiError::not_found(format!("no node named {node}")));
+        }
+        self.with_volume(&name, |v| {
+            if v.replica_set.iter().any(|r| r.node == node) {
+                return Err(ApiError::new(
+                    ErrorCode::AlreadyExists,
+                    format!("volume {name} already has a replica on node {node}"),
+                ));
+            }
+            let id = v.replica_set.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+            let rate = req
+                .resync_rate_bytes_per_s
+                .or(v.resync_rate_bytes_per_s)
+                .unwrap_or(100 << 20);
+            v.replica_set.push(ReplicaView {
+                id,
+                node,
+                state: "resyncing".into(),
+                in_sync: false,
+                error: None,
+                resync: Some(ResyncView {
+                    copied_bytes: 0,
+                    total_bytes: v.size_bytes,
+                    rate_bytes_per_s: rate,
+                    eta_s: None,
+                }),
+            });
+            v.replicas += 1;
+            v.degraded = true;
+            Ok(v.clone())
+        })
+    }
+
+    async fn remove_replica(&self, name: Name, node: Name) -> Result<VolumeView, ApiError> {
+        self.with_volume(&name, |v| {
+            let i = v
+                .replica_set
+                .iter()
+                .position(|r| r.node == node.as_str())
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("volume {name} has no replica on node {node}"))
+                })?;
+            if v.replica_set.len() == 1 {
+                return Err(ApiError::bad_request(format!(
+                    "node {node} holds the last replica of volume {name}"
+                )));
+            }
+            v.replica_set.remove(i);
+            v.replicas -= 1;
+            v.min_in_sync = v.min_in_sync.min(v.replicas);
+            v.degraded = v.replica_set.iter().any(|r| !r.in_sync);
             Ok(v.clone())
         })
     }
