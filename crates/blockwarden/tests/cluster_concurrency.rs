@@ -43,7 +43,15 @@ fn creates_racing_through_three_agents_are_all_placed_and_one_name_wins_once() {
                 let agent = &c.agents[i % c.agents.len()];
                 let name = format!("c{i:03}");
                 let t0 = Instant::now();
-                let out = agent.cli(&["volume", "create", &name, "--size", "64M"]);
+                let out = agent.cli(&[
+                    "volume",
+                    "create",
+                    &name,
+                    "--size",
+                    "64M",
+                    "--replicas",
+                    "1",
+                ]);
                 latencies.lock().unwrap().push(t0.elapsed());
                 if !out.status.success() {
                     failures.lock().unwrap().push(format!(
@@ -85,7 +93,7 @@ fn creates_racing_through_three_agents_are_all_placed_and_one_name_wins_once() {
                     let (b, name) = (&barrier, &name);
                     s.spawn(move || {
                         b.wait();
-                        a.cli(&["volume", "create", name, "--size", "16M"])
+                        a.cli(&["volume", "create", name, "--size", "16M", "--replicas", "1"])
                     })
                 })
                 .collect();

@@ -57,17 +57,32 @@ fn placement_honours_pins_and_spread_and_explains_impossible_policies() {
         ["n1"]
     );
 
-    // --spread room: never on the node without a room label.
+    // --spread room: never on the node without a room label. One replica lands in either
+    // room; two (the cluster default) take one room each.
     for i in 0..6 {
         let name = format!("spread{i}");
+        let replicas = if i % 2 == 0 { "1" } else { "2" };
         c.agents[i % 3].cli_ok(&[
-            "volume", "create", &name, "--size", "16M", "--spread", "room",
+            "volume",
+            "create",
+            &name,
+            "--size",
+            "16M",
+            "--spread",
+            "room",
+            "--replicas",
+            replicas,
         ]);
-        let on = replica_nodes(&a.cli_json(&["volume", "show", &name]));
-        assert!(
-            on == ["n1"] || on == ["n2"],
-            "{name} with --spread room must land on a node with a room label: {on:?}"
-        );
+        let mut on = replica_nodes(&a.cli_json(&["volume", "show", &name]));
+        on.sort();
+        if replicas == "1" {
+            assert!(
+                on == ["n1"] || on == ["n2"],
+                "{name} with --spread room must land on a node with a room label: {on:?}"
+            );
+        } else {
+            assert_eq!(on, ["n1", "n2"], "{name}: two replicas, one per room");
+        }
     }
 
     // Impossible policies: non-zero exit, every node named with its reason, nothing created.
@@ -88,21 +103,35 @@ fn placement_honours_pins_and_spread_and_explains_impossible_policies() {
     ]);
     assert_refusal(&err, &["ghost"], "--node ghost (no such node)");
 
-    // More than one replica is refused until synchronous replication lands (C3).
-    let out = a.cli(&[
+    // Three replicas in different rooms cannot be placed: there are two rooms.
+    let err = a.cli_err(&[
         "volume",
         "create",
-        "two",
+        "three",
         "--size",
         "16M",
         "--replicas",
-        "2",
+        "3",
+        "--spread",
+        "room",
     ]);
-    assert!(!out.status.success(), "--replicas 2 is refused for now");
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert_refusal(
+        &err,
+        &["n3", "room"],
+        "--replicas 3 --spread room (two rooms)",
+    );
+    let err = a.cli_err(&[
+        "volume",
+        "create",
+        "many",
+        "--size",
+        "16M",
+        "--replicas",
+        "9",
+    ]);
     assert!(
-        err.starts_with("error:") && err.to_lowercase().contains("replica"),
-        "--replicas 2: a clear message about replicas: {err}"
+        err.starts_with("error:") && err.contains("at most"),
+        "--replicas 9: a clear limit: {err}"
     );
 
     // A down node is excluded and said to be down.
@@ -120,7 +149,15 @@ fn placement_honours_pins_and_spread_and_explains_impossible_policies() {
     for i in 0..3 {
         let name = format!("after{i}");
         a.cli_ok(&[
-            "volume", "create", &name, "--size", "16M", "--spread", "room",
+            "volume",
+            "create",
+            &name,
+            "--size",
+            "16M",
+            "--spread",
+            "room",
+            "--replicas",
+            "1",
         ]);
         assert_eq!(
             replica_nodes(&a.cli_json(&["volume", "show", &name])),

@@ -65,6 +65,15 @@ pub struct ReplicaRecord {
     pub node_name: Name,
     #[serde(default)]
     pub state: ReplicaState,
+    /// Stable number of this replica within its volume (1, 2, …; never reused), the
+    /// replication core's `ReplicaId`. 0 in records written before replication: read as
+    /// the replica's position + 1 (see [`VolumeRecord::replica_ids`]).
+    #[serde(default)]
+    pub id: u64,
+    /// The latest generation at which this replica was in sync (0: since creation). A new
+    /// attachment reconciles from the in-sync replica with the highest one.
+    #[serde(default)]
+    pub in_sync_generation: Generation,
 }
 
 /// A volume: key `volumes/<name>`.
@@ -94,9 +103,29 @@ pub struct VolumeRecord {
     pub attachment: Option<Attachment>,
     #[serde(default)]
     pub replicas_placed: Vec<ReplicaRecord>,
-    /// Resync throttle; `None` means unthrottled.
+    /// Resync throttle; `None` means the default (see the agent's replication settings).
     #[serde(default)]
     pub resync_rate_bytes_per_s: Option<u64>,
+    /// Fewest in-sync replicas that still accept writes (`--min-in-sync`); `None` = 1.
+    #[serde(default)]
+    pub min_in_sync: Option<u32>,
+}
+
+impl VolumeRecord {
+    /// Gives every placed replica without one a stable id (records written before
+    /// replication have 0 everywhere and get 1, 2, … in placement order).
+    pub fn assign_replica_ids(&mut self) {
+        for i in 0..self.replicas_placed.len() {
+            if self.replicas_placed[i].id == 0 {
+                self.replicas_placed[i].id = self.next_replica_id();
+            }
+        }
+    }
+
+    /// The id the next added replica gets.
+    pub fn next_replica_id(&self) -> u64 {
+        self.replicas_placed.iter().map(|r| r.id).max().unwrap_or(0) + 1
+    }
 }
 
 /// A node (agent): key `nodes/<id>`. Rewritten by its own agent on start and on heartbeats.

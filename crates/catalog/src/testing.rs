@@ -64,6 +64,7 @@ pub fn sample_volume(name: &str, id: &str) -> VolumeRecord {
         attachment: None,
         replicas_placed: Vec::new(),
         resync_rate_bytes_per_s: None,
+        min_in_sync: None,
     }
 }
 

@@ -68,6 +68,9 @@ pub struct Attachment {
     pub device: Arc<dyn BlockDevice>,
     /// Set when the data lives on another node.
     pub remote: Option<Arc<RemoteReplica>>,
+    /// Set when the volume has more than one replica: the replication driver behind
+    /// `device`.
+    pub replicated: Option<super::replicated::Replicated>,
     pub usage: Mutex<Use>,
     /// `true` → close every NBD connection of this attachment now.
     pub kill: watch::Sender<bool>,
@@ -179,7 +182,22 @@ impl<C: ClusterStore> Node<C> {
                 }));
             }
         };
-        let (device, remote) = match self.open_device(&rec, generation, session).await {
+        let opened = if rec.replicas_placed.len() > 1 {
+            self.start_replicated(&rec, generation, session.clone())
+                .await
+                .map(|r| {
+                    let guard: Arc<dyn BlockDevice> = Arc::new(SessionGuard {
+                        inner: r.device.clone(),
+                        session,
+                    });
+                    (guard, None, Some(r))
+                })
+        } else {
+            self.open_device(&rec, generation, session)
+                .await
+                .map(|(d, remote)| (d, remote, None))
+        };
+        let (device, remote, replicated) = match opened {
             Ok(d) => d,
             Err(e) => {
                 let _ = self.catalog.release_owner(name, generation).await;
@@ -192,6 +210,7 @@ impl<C: ClusterStore> Node<C> {
             since_ms: now_ms(),
             device,
             remote,
+            replicated,
             usage: Mutex::new(Use {
                 connections: u32::from(!explicit),
                 explicit,
@@ -414,6 +433,9 @@ impl<C: ClusterStore> Node<C> {
         self.attachments.lock().unwrap().remove(&att.name);
         if let Some(r) = &att.remote {
             r.close();
+        }
+        if let Some(r) = &att.replicated {
+            super::replicated::stop(&r.device).await;
         }
         match self.catalog.release_owner(&att.name, att.generation).await {
             Ok(_) => {}

@@ -1,16 +1,22 @@
 //! The HTTP API's view of the cluster: implements [`api::Control`] over [`Node`]. Any agent
 //! answers any call; attach and detach aimed at another node are forwarded to that node's
-//! API, since the attachment must live where the NBD export is served.
+//! API, since the attachment must live where the NBD export is served. A single volume's GET
+//! is forwarded to the node it is attached on too, since only that node knows its replicas'
+//! live state and resync progress; everything else is answered from the catalog.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use api::{
-    ApiError, Attached, AttachmentView, Control, CreateVolume, ErrorCode, EventFollow, EventQuery,
-    EventView, NodeView, ReplicaView, StatusView, VolumeSettings, VolumeView,
+    AddReplica, ApiError, Attached, AttachmentView, Control, CreateVolume, ErrorCode, EventFollow,
+    EventQuery, EventView, NodeView, ReplicaView, StatusView, VolumeSettings, VolumeView,
 };
 use bw_types::{Name, NodeId};
-use catalog::{ClusterStore, EventRecord, Level, NodeRecord, OwnerRecord, Prefix, VolumeRecord};
+use catalog::{
+    ClusterStore, EventRecord, Expect, Level, NodeRecord, OwnerRecord, Prefix, ReplicaState,
+    VolumeRecord,
+};
 use tokio::sync::mpsc;
 
 use super::attach::HeldBy;
@@ -18,6 +24,15 @@ use super::node::{attach_error, catalog_error, Node};
 use crate::logging::now_ms;
 
 pub struct AgentControl<C: ClusterStore>(pub Arc<Node<C>>);
+
+/// How long a volume's GET waits for the node it is attached on before answering from the
+/// catalog instead: a live view is worth a short wait, but `volume show` (and the CLI's
+/// `--wait` polling every 500 ms) must not hang on a node that is down or partitioned.
+const FORWARD_VIEW_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Read-modify-write attempts of `set_volume` when a concurrent change wins the revision race;
+/// then the caller gets `conflict` and may retry.
+const SET_ATTEMPTS: usize = 5;
 
 /// What a view needs besides the record: nodes, alive set and owner keys, read once per call.
 struct Context {
@@ -77,38 +92,12 @@ impl<C: ClusterStore> AgentControl<C> {
         let nbd_uri = owner
             .and_then(|(o, _)| ctx.nodes.get(&o.node))
             .map(|n| uri_for(&n.nbd_addr, &rec.name));
-        let now = now_ms();
-        let replica_set: Vec<ReplicaView> = rec
-            .replicas_placed
-            .iter()
-            .map(|r| {
-                let desired = serde_json::to_value(r.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                let alive = ctx.alive.contains(&r.node_id);
-                let actual = ctx.nodes.get(&r.node_id).and_then(|n| {
-                    n.replicas
-                        .get(&rec.id.0)
-                        .map(|rep| (rep, now.saturating_sub(n.last_seen_ms)))
-                });
-                let state = match (alive, actual) {
-                    (false, _) => format!("{desired} (node down)"),
-                    (true, Some((rep, age))) if rep.state != desired => format!(
-                        "{} (desired {desired}, reported {}s ago)",
-                        rep.state,
-                        age / 1000
-                    ),
-                    (true, None) if desired == "in_sync" => format!("{desired} (not reported yet)"),
-                    _ => desired,
-                };
-                ReplicaView {
-                    node: r.node_name.to_string(),
-                    state,
-                }
-            })
-            .collect();
-        let degraded = replica_set.iter().any(|r| r.state != "in_sync");
+        // The replication engine of an attachment here is authoritative; the catalog's states
+        // lag it (they are written on transitions only, and carry no progress).
+        let replica_set = node
+            .live_replicas(&rec.name)
+            .unwrap_or_else(|| catalog_replicas(ctx, rec, node.cluster));
+        let degraded = replica_set.iter().any(|r| !r.in_sync);
         VolumeView {
             name: rec.name.to_string(),
             id: rec.id.0.clone(),
@@ -131,7 +120,39 @@ impl<C: ClusterStore> AgentControl<C> {
             replica_set,
             spread: rec.spread.clone(),
             resync_rate_bytes_per_s: rec.resync_rate_bytes_per_s,
+            min_in_sync: rec.min_in_sync.unwrap_or(1),
             created_at_ms: rec.created_at_ms,
+        }
+    }
+
+    /// The view of the node `name` is attached on, if that is another live node that answers
+    /// within `FORWARD_VIEW_TIMEOUT`. The answering node does not forward again unless it
+    /// no longer holds the volume itself, so a request cannot bounce between two nodes
+    /// unless the attachment itself moves back and forth meanwhile.
+    async fn forwarded_view(&self, ctx: &Context, name: &Name) -> Option<VolumeView> {
+        let (owner, _) = ctx.owners.get(name.as_str())?;
+        if owner.node == self.0.me.id || !ctx.alive.contains(&owner.node) {
+            return None;
+        }
+        let holder = ctx.nodes.get(&owner.node)?;
+        let client = api::Client::new(&format!("http://{}", holder.api_addr)).ok()?;
+        match tokio::time::timeout(FORWARD_VIEW_TIMEOUT, client.get_volume(name.as_str())).await {
+            Ok(Ok(v)) if v.name == name.as_str() => Some(v),
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
+                log::debug!(
+                    "volume {name}: live view from node {} failed: {e}",
+                    holder.name
+                );
+                None
+            }
+            Err(_) => {
+                log::debug!(
+                    "volume {name}: node {} gave no live view within {FORWARD_VIEW_TIMEOUT:?}",
+                    holder.name
+                );
+                None
+            }
         }
     }
 
@@ -145,6 +166,63 @@ impl<C: ClusterStore> AgentControl<C> {
         api::Client::new(&format!("http://{}", rec.api_addr))
             .map_err(|e| ApiError::internal(e.to_string()))
     }
+}
+
+/// The wire spelling of a catalog replica state (`in_sync`, …).
+fn replica_state_str(s: ReplicaState) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Replicas as the catalog records them (no live engine here): the desired state, with what
+/// the holding node last reported when that differs, or that the node is down, in `error`.
+/// Only cluster nodes publish reports, so a missing one is worth a note only there.
+fn catalog_replicas(ctx: &Context, rec: &VolumeRecord, cluster: bool) -> Vec<ReplicaView> {
+    let now = now_ms();
+    rec.replicas_placed
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let state = replica_state_str(r.state);
+            let report = ctx.nodes.get(&r.node_id).and_then(|n| {
+                n.replicas
+                    .get(&rec.id.0)
+                    .map(|rep| (rep, now.saturating_sub(n.last_seen_ms)))
+            });
+            let error = if !ctx.alive.contains(&r.node_id) {
+                Some(format!("node {} is down", r.node_name))
+            } else {
+                match report {
+                    Some((rep, age)) if rep.state != state => Some(format!(
+                        "its node reports {} ({}s ago){}",
+                        rep.state,
+                        age / 1000,
+                        rep.error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    )),
+                    Some((rep, _)) => rep.error.clone(),
+                    None if cluster && r.state == ReplicaState::InSync => {
+                        Some("not reported by its node yet".into())
+                    }
+                    None => None,
+                }
+            };
+            ReplicaView {
+                // Records written before replication have no ids: position + 1, as the
+                // catalog assigns them.
+                id: if r.id == 0 { i as u64 + 1 } else { r.id },
+                node: r.node_name.to_string(),
+                state,
+                in_sync: r.state == ReplicaState::InSync,
+                error,
+                resync: None,
+            }
+        })
+        .collect()
 }
 
 /// `nbd://HOST:PORT/NAME`; a wildcard listen address is shown as 127.0.0.1.
@@ -205,7 +283,13 @@ impl<C: ClusterStore> Control for AgentControl<C> {
 
     async fn get_volume(&self, name: Name) -> Result<VolumeView, ApiError> {
         let (rec, _) = self.0.get_record(&name).await?;
-        Ok(self.view(&self.context().await?, &rec))
+        let ctx = self.context().await?;
+        if self.0.attachment(&name).is_none() {
+            if let Some(v) = self.forwarded_view(&ctx, &name).await {
+                return Ok(v);
+            }
+        }
+        Ok(self.view(&ctx, &rec))
     }
 
     async fn resize_volume(&self, name: Name, size_bytes: u64) -> Result<VolumeView, ApiError> {
@@ -273,17 +357,90 @@ impl<C: ClusterStore> Control for AgentControl<C> {
         name: Name,
         settings: VolumeSettings,
     ) -> Result<VolumeView, ApiError> {
-        let (rec, _) = self.0.get_record(&name).await?;
         if settings.mode == Some(api::Mode::Async) {
             return Err(ApiError::bad_request(
                 "--mode async (geographic replication) is not available in this build",
             ));
         }
-        if settings.resync_rate_bytes_per_s.is_some() {
-            return Err(ApiError::bad_request(format!(
-                "volume {name} has one replica: there is nothing to resync (synchronous replication is not available in this build yet)"
+        // Serialised with create / delete / resize issued here; other nodes' writers are
+        // caught by the revision check.
+        let _ops = self.0.ops_lock.lock().await;
+        for _ in 0..SET_ATTEMPTS {
+            let (mut rec, rev) = self.0.get_record(&name).await?;
+            if let Some(k) = settings.min_in_sync {
+                if k == 0 || k > rec.replicas {
+                    return Err(ApiError::bad_request(format!(
+                        "--min-in-sync {k}: must be between 1 and the number of replicas of volume {name} ({})",
+                        rec.replicas
+                    )));
+                }
+                rec.min_in_sync = Some(k);
+            }
+            if let Some(r) = settings.resync_rate_bytes_per_s {
+                rec.resync_rate_bytes_per_s = Some(r);
+            }
+            match self.0.catalog.put_volume(&rec, Expect::At(rev)).await {
+                Ok(_) => return Ok(self.view(&self.context().await?, &rec)),
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(catalog_error(e)),
+            }
+        }
+        Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("volume {name} kept changing while its settings were being saved; try again"),
+        ))
+    }
+
+    async fn add_replica(&self, name: Name, req: AddReplica) -> Result<VolumeView, ApiError> {
+        let (rec, _) = self.0.get_record(&name).await?;
+        let nodes = self.0.node_records().await?;
+        if req.node != self.0.me.name && !nodes.values().any(|n| n.name == req.node) {
+            let mut known: Vec<String> = nodes.values().map(|n| n.name.to_string()).collect();
+            if !known.contains(&self.0.me.name.to_string()) {
+                known.push(self.0.me.name.to_string());
+            }
+            known.sort();
+            return Err(ApiError::not_found(format!(
+                "unknown node {}: no agent by that name has joined (nodes: {})",
+                req.node,
+                known.join(", ")
             )));
         }
+        if let Some(r) = rec.replicas_placed.iter().find(|r| r.node_name == req.node) {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!(
+                    "volume {name} already has a replica on node {} (replica {})",
+                    req.node,
+                    if r.id == 0 { 1 } else { r.id }
+                ),
+            ));
+        }
+        let rec = self
+            .0
+            .add_replica(&name, &req.node, req.resync_rate_bytes_per_s)
+            .await?;
+        Ok(self.view(&self.context().await?, &rec))
+    }
+
+    async fn remove_replica(&self, name: Name, node: Name) -> Result<VolumeView, ApiError> {
+        let (rec, _) = self.0.get_record(&name).await?;
+        if !rec.replicas_placed.iter().any(|r| r.node_name == node) {
+            let on: Vec<&str> = rec
+                .replicas_placed
+                .iter()
+                .map(|r| r.node_name.as_str())
+                .collect();
+            return Err(ApiError::not_found(format!(
+                "volume {name} has no replica on node {node} (its replicas are on: {})",
+                if on.is_empty() {
+                    "none".to_owned()
+                } else {
+                    on.join(", ")
+                }
+            )));
+        }
+        let rec = self.0.remove_replica(&name, &node).await?;
         Ok(self.view(&self.context().await?, &rec))
     }
 

@@ -29,6 +29,10 @@ use crate::logging::now_ms;
 /// Longest pause between two reads of a record another node is expected to change. The wait
 /// starts at 10 ms and doubles; capping it at 50 ms keeps the added latency of a create placed
 /// on another node under one cap (a 250 ms cap made such creates' p99 quantised by it).
+/// Replicas one volume may have: each one is written on every write, so more than a few
+/// multiplies the write cost for no real gain in safety.
+pub const MAX_REPLICAS: u32 = 5;
+
 const POLL_CAP: Duration = Duration::from_millis(50);
 
 impl<C: ClusterStore> Node<C> {
@@ -38,9 +42,26 @@ impl<C: ClusterStore> Node<C> {
         req: api::CreateVolume,
     ) -> Result<VolumeRecord, ApiError> {
         check_size(req.size_bytes)?;
-        let replicas = req.replicas.unwrap_or(1);
+        let replicas = match req.replicas {
+            Some(n) => n,
+            // `--node a --node b` alone means "on these nodes".
+            None if !req.nodes.is_empty() => req.nodes.len() as u32,
+            None => self.default_replicas().await?,
+        };
         if replicas == 0 {
             return Err(ApiError::bad_request("--replicas must be at least 1"));
+        }
+        if replicas > MAX_REPLICAS {
+            return Err(ApiError::bad_request(format!(
+                "--replicas {replicas}: at most {MAX_REPLICAS} replicas per volume"
+            )));
+        }
+        if let Some(k) = req.min_in_sync {
+            if k == 0 || k > replicas {
+                return Err(ApiError::bad_request(format!(
+                    "--min-in-sync {k}: must be between 1 and the number of replicas ({replicas})"
+                )));
+            }
         }
         if req.mode == Some(api::Mode::Async) {
             return Err(ApiError::bad_request(
@@ -48,12 +69,6 @@ impl<C: ClusterStore> Node<C> {
             ));
         }
         let chosen = self.place(&req, replicas).await?;
-        if replicas > 1 {
-            return Err(ApiError::bad_request(format!(
-                "--replicas {replicas}: synchronous replication is not available in this build yet, so a volume has exactly 1 replica (the policy would place them on {})",
-                chosen.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", ")
-            )));
-        }
         let _ops = self.ops_lock.lock().await;
         let id = VolumeId(bw_types::ids::random_hex_id().map_err(internal("choose a volume id"))?);
         let mut rec = VolumeRecord {
@@ -70,13 +85,17 @@ impl<C: ClusterStore> Node<C> {
             attachment: None,
             replicas_placed: chosen
                 .iter()
-                .map(|(id, name)| ReplicaRecord {
+                .enumerate()
+                .map(|(i, (id, name))| ReplicaRecord {
                     node_id: id.clone(),
                     node_name: name.clone(),
                     state: ReplicaState::Creating,
+                    id: i as u64 + 1,
+                    in_sync_generation: Generation(0),
                 })
                 .collect(),
-            resync_rate_bytes_per_s: None,
+            resync_rate_bytes_per_s: req.resync_rate_bytes_per_s,
+            min_in_sync: req.min_in_sync,
         };
         let rev = match self.catalog.put_volume(&rec, Expect::Absent).await {
             Ok(rev) => rev,
@@ -114,6 +133,16 @@ impl<C: ClusterStore> Node<C> {
         self.event(Level::Info, "volume.created", Some(&rec.name), msg)
             .await;
         Ok(rec)
+    }
+
+    /// Replicas of a volume created without `--replicas`: 2 once the cluster has two or
+    /// more nodes (a VM disk should survive a host), else 1.
+    async fn default_replicas(&self) -> Result<u32, ApiError> {
+        if !self.cluster {
+            return Ok(1);
+        }
+        let nodes = self.node_records().await?;
+        Ok(if nodes.len() >= 2 { 2 } else { 1 })
     }
 
     /// Chooses nodes for `replicas` replicas by the request's policy.
@@ -305,12 +334,17 @@ impl<C: ClusterStore> Node<C> {
             if let Some(r) = replica {
                 r.volume().close();
             }
-            let meta = store::default_meta_path(&path);
             store::remove_volume_file(&path).map_err(|e| error_chain(&e))?;
-            match std::fs::remove_file(&meta) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("cannot remove {}: {e}", meta.display())),
+            // The generation fence and the replication metadata go with the data.
+            for side in [
+                store::default_meta_path(&path),
+                store::default_repl_meta_path(&path),
+            ] {
+                match std::fs::remove_file(&side) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("cannot remove {}: {e}", side.display())),
+                }
             }
             Ok(())
         })

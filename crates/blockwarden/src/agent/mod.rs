@@ -7,12 +7,15 @@ mod control;
 pub mod datadir;
 mod exports;
 mod hooks;
+mod insync;
 mod lifecycle;
+mod membership;
 mod metrics;
 mod node;
 mod placement;
 mod reconcile;
 mod recovery;
+mod replicated;
 mod session;
 
 use std::sync::Arc;

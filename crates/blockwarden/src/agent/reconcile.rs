@@ -180,6 +180,14 @@ pub async fn reconcile_loop<C: ClusterStore>(
 
 /// Brings one volume's local state in line with its record.
 async fn apply<C: ClusterStore>(node: &Arc<Node<C>>, rec: &VolumeRecord) {
+    if let Some(r) = node.attachment(&rec.name).and_then(|a| {
+        a.replicated
+            .as_ref()
+            .map(|r| (r.device.clone(), r.set.clone()))
+    }) {
+        // Attached here with replication: follow added/removed replicas and rate changes.
+        node.sync_replicas(&r.0, &r.1, rec);
+    }
     let placed_here = rec.replicas_placed.iter().find(|r| r.node_id == node.me.id);
     let local = node.replica(&rec.id);
     if rec.state == VolumeState::Deleting {
@@ -194,7 +202,20 @@ async fn apply<C: ClusterStore>(node: &Arc<Node<C>>, rec: &VolumeRecord) {
         }
         return;
     }
-    let Some(placed) = placed_here else { return };
+    let Some(placed) = placed_here else {
+        if local.is_some() && rec.state == VolumeState::Ready {
+            // `volume remove-replica` took this node's replica out of the record.
+            match node.remove_replica_files(&rec.id).await {
+                Ok(()) => log::info!("volume {}: removed the replica on this node", rec.name),
+                Err(e) => log::warn!(
+                    "volume {}: cannot remove the removed replica's files: {}",
+                    rec.name,
+                    e.message
+                ),
+            }
+        }
+        return;
+    };
     match (rec.state, local) {
         (VolumeState::Creating, None) if placed.state == ReplicaState::Creating => {
             match node.materialize(rec).await {
@@ -205,6 +226,21 @@ async fn apply<C: ClusterStore>(node: &Arc<Node<C>>, rec: &VolumeRecord) {
                         rec.name, node.me.name, e.message
                     );
                     node.event(Level::Error, "volume.create_failed", Some(&rec.name), msg)
+                        .await;
+                }
+            }
+        }
+        (VolumeState::Ready, None) if placed.state == ReplicaState::Creating => {
+            // A replica added to a live volume (`volume add-replica`): create the empty file;
+            // the attachment fills it by a full resync and marks it in sync.
+            match node.materialize(rec).await {
+                Ok(_) => mark_added(node, rec).await,
+                Err(e) => {
+                    let msg = format!(
+                        "volume {}: cannot create the added replica on node {}: {}",
+                        rec.name, node.me.name, e.message
+                    );
+                    node.event(Level::Error, "replica.create_failed", Some(&rec.name), msg)
                         .await;
                 }
             }
@@ -225,6 +261,43 @@ async fn apply<C: ClusterStore>(node: &Arc<Node<C>>, rec: &VolumeRecord) {
             }
         }
         _ => {}
+    }
+}
+
+/// Marks a replica added to a ready volume as existing but out of sync (`stale`): it holds
+/// nothing yet, and only the attachment's resync and "mark in sync" transaction make it count.
+pub async fn mark_added<C: ClusterStore>(node: &Node<C>, rec: &VolumeRecord) {
+    for _ in 0..super::attach::CAS_RETRIES {
+        let Ok(Some((mut cur, rev))) = node.catalog.get_volume(&rec.name).await else {
+            return;
+        };
+        if cur.id != rec.id || cur.state != VolumeState::Ready {
+            return;
+        }
+        let mut changed = false;
+        for r in cur
+            .replicas_placed
+            .iter_mut()
+            .filter(|r| r.node_id == node.me.id && r.state == ReplicaState::Creating)
+        {
+            r.state = ReplicaState::Stale;
+            changed = true;
+        }
+        if !changed {
+            return;
+        }
+        match node
+            .catalog
+            .put_volume(&cur, catalog::Expect::At(rev))
+            .await
+        {
+            Ok(_) => return,
+            Err(e) if e.is_conflict() => continue,
+            Err(e) => {
+                log::warn!("volume {}: cannot mark the added replica: {e}", rec.name);
+                return;
+            }
+        }
     }
 }
 

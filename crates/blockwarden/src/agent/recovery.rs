@@ -130,7 +130,10 @@ async fn quarantine_orphans<C: ClusterStore>(
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let base = name.strip_suffix(".meta").unwrap_or(&name);
+        let base = name
+            .strip_suffix(".meta")
+            .or_else(|| name.strip_suffix(store::REPL_META_SUFFIX))
+            .unwrap_or(&name);
         if base.ends_with(".img") && !known.contains(base) {
             let lost = dir.parent().unwrap_or(dir).join("lost+found");
             std::fs::create_dir_all(&lost)?;

@@ -1,0 +1,355 @@
+//! Goal: synchronous replication under membership changes and network faults. A replica
+//! added to a volume in use is filled by a throttled background copy while writes go on and
+//! ends byte-identical to the others; a replica whose host is cut off by a partition is
+//! dropped (writes go on without it) and is resynced once the partition heals.
+//! Method: replicas on n1 and n2, attached on n1, our verifying load generator writing 4 KiB
+//! blocks with periodic flushes into the first 16 MiB. Test 1 adds a replica on n3 with
+//! `--resync-rate 8M` mid-load and samples the copy's progress from `volume show`; test 2
+//! drops every packet in and out of n2's namespace (nftables, `Lab::isolate`) mid-load, then
+//! heals it. Both end with: every flushed block reads back, all replicas in sync, and after
+//! detaching the replica files are byte-identical.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use testkit::cluster::{Cluster, ClusterAgent};
+use testkit::loadgen::{self, VerifyOptions, WriteOptions, WriteSummary};
+use testkit::{start_cluster, wait_until};
+
+const MIB: u64 = 1 << 20;
+
+fn show(a: &ClusterAgent, vol: &str) -> Value {
+    a.cli_json(&["volume", "show", vol])
+}
+
+/// (node, state) of every replica, from `volume show`.
+fn replica_states(show: &Value) -> Vec<(String, String)> {
+    show["replica_set"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| {
+                    (
+                        r["node"].as_str().unwrap_or("?").to_owned(),
+                        r["state"].as_str().unwrap_or("?").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The replica entry of `node` in `volume show`.
+fn replica_on<'a>(show: &'a Value, node: &str) -> Option<&'a Value> {
+    show["replica_set"]
+        .as_array()?
+        .iter()
+        .find(|r| r["node"].as_str() == Some(node))
+}
+
+fn replica_in_sync(r: &Value) -> bool {
+    r["in_sync"].as_bool() == Some(true) && r["state"].as_str() == Some("in_sync")
+}
+
+/// `n` replicas, every one of them in sync.
+fn all_in_sync(show: &Value, n: usize) -> bool {
+    show["replica_set"]
+        .as_array()
+        .is_some_and(|rs| rs.len() == n && rs.iter().all(replica_in_sync))
+}
+
+/// The replica file of volume `id` on `agent`'s node.
+fn replica_file(agent: &ClusterAgent, id: &str) -> std::path::PathBuf {
+    agent.data_dir().join("volumes").join(format!("{id}.img"))
+}
+
+fn same_files(a: &std::path::Path, b: &std::path::Path) -> Result<(), String> {
+    let x = std::fs::read(a).map_err(|e| format!("{}: {e}", a.display()))?;
+    let y = std::fs::read(b).map_err(|e| format!("{}: {e}", b.display()))?;
+    if x.len() != y.len() {
+        return Err(format!("sizes differ: {} vs {}", x.len(), y.len()));
+    }
+    let region = MIB as usize;
+    let differ: Vec<usize> = (0..x.len().div_ceil(region))
+        .filter(|i| {
+            let r = i * region..((i + 1) * region).min(x.len());
+            x[r.clone()] != y[r]
+        })
+        .collect();
+    if differ.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("regions (1 MiB) that differ: {differ:?}"))
+    }
+}
+
+fn start() -> Option<Cluster> {
+    start_cluster!(&[("n1", &[]), ("n2", &[]), ("n3", &[])])
+}
+
+/// Creates volume `vol` (32 MiB, replicas on n1 and n2), attaches it on n1; returns its id.
+fn create_attached(a: &ClusterAgent, vol: &str) -> String {
+    a.cli_ok(&[
+        "volume",
+        "create",
+        vol,
+        "--size",
+        "32M",
+        "--replicas",
+        "2",
+        "--node",
+        "n1",
+        "--node",
+        "n2",
+    ]);
+    let s = show(a, vol);
+    assert_eq!(
+        replica_states(&s),
+        [
+            ("n1".to_owned(), "in_sync".to_owned()),
+            ("n2".to_owned(), "in_sync".to_owned())
+        ],
+        "{s}"
+    );
+    let id = s["id"].as_str().expect("volume id").to_owned();
+    a.cli_ok(&["volume", "attach", vol]);
+    id
+}
+
+/// The verifying load over the first 16 MiB of `uri`, on its own thread.
+type Load = (JoinHandle<Result<WriteSummary, String>>, Arc<AtomicU64>);
+
+fn start_load(uri: &str, state: &std::path::Path, seed: u64, duration: Duration) -> Load {
+    let mut o = WriteOptions::new(uri, state);
+    o.blocks = Some(16 * MIB / 4096);
+    o.flush_every = 32;
+    o.queue_depth = 8;
+    o.seed = seed;
+    o.duration = duration;
+    let flushes = Arc::new(AtomicU64::new(0));
+    o.flushes_done = Some(flushes.clone());
+    (std::thread::spawn(move || loadgen::write(&o)), flushes)
+}
+
+/// Waits (30 s at most) until `flushes` reaches `n`; panics naming `what`, with `a`'s log
+/// tail, otherwise.
+#[track_caller]
+fn progress(a: &ClusterAgent, flushes: &AtomicU64, n: u64, what: &str) {
+    assert!(
+        wait_until(Duration::from_secs(30), || flushes.load(Ordering::SeqCst)
+            >= n),
+        "{what}: the load made no progress in 30 s ({} flushes, wanted {n})\n\
+         --- agent {} log tail ---\n{}",
+        flushes.load(Ordering::SeqCst),
+        a.name(),
+        tail(&a.log(), 60)
+    );
+}
+
+fn verify_ok(uri: &str, state: &std::path::Path) {
+    let rep = loadgen::verify(&VerifyOptions {
+        uri: uri.to_owned(),
+        state_path: state.to_owned(),
+    })
+    .expect("verify ran");
+    eprint!("{rep}");
+    assert!(rep.ok(), "flushed data lost:\n{rep}");
+    assert!(rep.durable_blocks > 0, "the test wrote something: {rep}");
+}
+
+#[test]
+fn added_replica_is_filled_while_writes_go_on_and_ends_identical() {
+    let Some(c) = start() else { return };
+    let a = c.agent("n1");
+    let id = create_attached(a, "vm");
+    let uri = a.nbd_uri("vm");
+    let state = a.scratch_dir().join("add.state");
+    let (load, flushes) = start_load(&uri, &state, 0x00ad_d3e9, Duration::from_secs(15));
+
+    progress(a, &flushes, 10, "before add-replica");
+    let t_add = Instant::now();
+    let out = a.cli_ok(&[
+        "volume",
+        "add-replica",
+        "vm",
+        "--node",
+        "n3",
+        "--resync-rate",
+        "8M",
+    ]);
+    eprintln!("add-replica: {}", out.trim());
+    let flushes_at_add = flushes.load(Ordering::SeqCst);
+
+    // Follow the copy until all three replicas are in sync; keep every progress sample.
+    let target = 8 * MIB;
+    let mut samples: Vec<(Duration, Value)> = Vec::new();
+    let mut last = Value::Null;
+    let mut in_sync_after = None;
+    while t_add.elapsed() < Duration::from_secs(90) {
+        let s = show(a, "vm");
+        if let Some(p) = replica_on(&s, "n3").map(|r| &r["resync"]) {
+            if p.is_object() {
+                samples.push((t_add.elapsed(), p.clone()));
+            }
+        }
+        let done = all_in_sync(&s, 3);
+        last = s;
+        if done {
+            in_sync_after = Some(t_add.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let flushes_at_sync = flushes.load(Ordering::SeqCst);
+    let Some(in_sync_after) = in_sync_after else {
+        panic!(
+            "the three replicas are not in sync 90 s after add-replica: {last}\n\
+             --- n1 log tail ---\n{}",
+            tail(&a.log(), 60)
+        );
+    };
+    eprintln!(
+        "n3 in sync {in_sync_after:?} after add-replica; flushes {flushes_at_add} -> {flushes_at_sync} meanwhile"
+    );
+    for (t, p) in &samples {
+        eprintln!("  resync sample at {t:?}: {p}");
+    }
+    assert!(
+        !samples.is_empty(),
+        "no resync progress was ever shown for n3 while it was filled: {last}"
+    );
+    // The measured rate, once enough was copied for the measurement window to mean something.
+    // The last such sample has the longest window behind it.
+    let rated: Vec<(u64, u64)> = samples
+        .iter()
+        .filter_map(|(_, p)| {
+            let copied = p["copied_bytes"].as_u64()?;
+            let rate = p["rate_bytes_per_s"].as_u64()?;
+            (copied > 4 * MIB).then_some((copied, rate))
+        })
+        .collect();
+    let &(copied, rate) = rated
+        .last()
+        .unwrap_or_else(|| panic!("no resync sample with more than 4 MiB copied: {samples:?}"));
+    eprintln!(
+        "measured resync rate {:.2} MiB/s at {:.1} MiB copied (limit 8 MiB/s); all rated samples (copied, rate): {rated:?}",
+        rate as f64 / MIB as f64,
+        copied as f64 / MIB as f64
+    );
+    assert!(
+        (rate as f64) >= 0.75 * target as f64 && (rate as f64) <= 1.25 * target as f64,
+        "resync rate {rate} B/s is not within 8 MiB/s ± 25 % (samples: {rated:?})"
+    );
+    assert!(
+        flushes_at_sync > flushes_at_add,
+        "the load kept flushing while n3 was filled ({flushes_at_add} -> {flushes_at_sync})"
+    );
+
+    let sum = load.join().unwrap().expect("load generator set-up");
+    eprintln!("load: {sum}");
+    assert!(sum.error.is_none(), "the load ran to its end: {sum}");
+    let s = show(a, "vm");
+    assert!(all_in_sync(&s, 3), "still in sync after the load: {s}");
+    verify_ok(&uri, &state);
+
+    a.cli_ok(&["volume", "detach", "vm"]);
+    let f1 = replica_file(a, &id);
+    for n in ["n2", "n3"] {
+        if let Err(e) = same_files(&f1, &replica_file(c.agent(n), &id)) {
+            panic!("replica on {n} differs from n1's: {e}");
+        }
+    }
+}
+
+#[test]
+fn partitioned_replica_is_dropped_and_resynced_after_the_partition_heals() {
+    let Some(c) = start() else { return };
+    let a = c.agent("n1");
+    let id = create_attached(a, "vm");
+    let uri = a.nbd_uri("vm");
+    let state = a.scratch_dir().join("part.state");
+    let (load, flushes) = start_load(&uri, &state, 0x9a27_17e0, Duration::from_secs(40));
+
+    progress(a, &flushes, 10, "before the partition");
+    // n2 loses everything: n1, n3, etcd and the test's own clients.
+    c.lab.isolate("n2");
+    let t_cut = Instant::now();
+    let before = flushes.load(Ordering::SeqCst);
+    progress(
+        a,
+        &flushes,
+        before + 20,
+        "with n2 partitioned (the drop must commit and writes go on)",
+    );
+    eprintln!(
+        "writes went on {:?} after the partition ({before} -> {} flushes)",
+        t_cut.elapsed(),
+        flushes.load(Ordering::SeqCst)
+    );
+    let mut last = Value::Null;
+    let dropped = wait_until(Duration::from_secs(30), || {
+        last = show(a, "vm");
+        replica_on(&last, "n2").is_some_and(|r| !replica_in_sync(r))
+    });
+    assert!(dropped, "n2 left the in-sync set: {last}");
+    eprintln!(
+        "during the partition: {:?}",
+        replica_on(&last, "n2").expect("n2's replica")
+    );
+    assert!(
+        replica_on(&last, "n1").is_some_and(replica_in_sync),
+        "n1's replica stays in sync: {last}"
+    );
+
+    c.lab.heal("n2");
+    let t_heal = Instant::now();
+    let mut last = Value::Null;
+    let healed = wait_until(Duration::from_secs(90), || {
+        last = show(a, "vm");
+        all_in_sync(&last, 2)
+    });
+    assert!(
+        healed,
+        "both replicas are in sync within 90 s of the heal: {last}\n\
+         --- n1 log tail ---\n{}\n--- n2 log tail ---\n{}",
+        tail(&a.log(), 60),
+        tail(&c.agent("n2").log(), 60)
+    );
+    eprintln!(
+        "both in sync {:?} after the heal (load still running: {})",
+        t_heal.elapsed(),
+        !load.is_finished()
+    );
+
+    let sum = load.join().unwrap().expect("load generator set-up");
+    eprintln!("load: {sum}");
+    assert!(
+        sum.error.is_none(),
+        "the VM never lost its disk nor saw an error: {sum}"
+    );
+    let s = show(a, "vm");
+    assert!(all_in_sync(&s, 2), "still in sync after the load: {s}");
+    verify_ok(&uri, &state);
+    let events = a.cli(&["events"]);
+    for l in String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .filter(|l| l.contains("n2"))
+    {
+        eprintln!("  event: {l}");
+    }
+
+    a.cli_ok(&["volume", "detach", "vm"]);
+    let (f1, f2) = (replica_file(a, &id), replica_file(c.agent("n2"), &id));
+    if let Err(e) = same_files(&f1, &f2) {
+        panic!("replicas differ after healing: {e}");
+    }
+}
+
+/// The last `n` lines of `s`.
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
