@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use testkit::cluster::inspect::{replica_file, replica_states, same_files};
 use testkit::cluster::{Cluster, ClusterAgent};
 use testkit::loadgen::{self, VerifyOptions, WriteOptions};
 use testkit::{start_cluster, wait_until};
@@ -23,51 +24,9 @@ fn show(a: &ClusterAgent, vol: &str) -> Value {
     a.cli_json(&["volume", "show", vol])
 }
 
-/// (node, state) of every replica, from `volume show`.
-fn replica_states(show: &Value) -> Vec<(String, String)> {
-    show["replica_set"]
-        .as_array()
-        .map(|rs| {
-            rs.iter()
-                .map(|r| {
-                    (
-                        r["node"].as_str().unwrap_or("?").to_owned(),
-                        r["state"].as_str().unwrap_or("?").to_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn all_in_sync(show: &Value) -> bool {
     let states = replica_states(show);
     !states.is_empty() && states.iter().all(|(_, s)| s == "in_sync")
-}
-
-/// The replica file of volume `id` on `agent`'s node.
-fn replica_file(agent: &ClusterAgent, id: &str) -> std::path::PathBuf {
-    agent.data_dir().join("volumes").join(format!("{id}.img"))
-}
-
-fn same_files(a: &std::path::Path, b: &std::path::Path) -> Result<(), String> {
-    let x = std::fs::read(a).map_err(|e| format!("{}: {e}", a.display()))?;
-    let y = std::fs::read(b).map_err(|e| format!("{}: {e}", b.display()))?;
-    if x.len() != y.len() {
-        return Err(format!("sizes differ: {} vs {}", x.len(), y.len()));
-    }
-    let region = MIB as usize;
-    let differ: Vec<usize> = (0..x.len().div_ceil(region))
-        .filter(|i| {
-            let r = i * region..((i + 1) * region).min(x.len());
-            x[r.clone()] != y[r]
-        })
-        .collect();
-    if differ.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("regions (1 MiB) that differ: {differ:?}"))
-    }
 }
 
 /// "resync of replica 2 on node n2 started (N regions)" → N, for every such event.

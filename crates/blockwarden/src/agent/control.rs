@@ -392,30 +392,6 @@ impl<C: ClusterStore> Control for AgentControl<C> {
     }
 
     async fn add_replica(&self, name: Name, req: AddReplica) -> Result<VolumeView, ApiError> {
-        let (rec, _) = self.0.get_record(&name).await?;
-        let nodes = self.0.node_records().await?;
-        if req.node != self.0.me.name && !nodes.values().any(|n| n.name == req.node) {
-            let mut known: Vec<String> = nodes.values().map(|n| n.name.to_string()).collect();
-            if !known.contains(&self.0.me.name.to_string()) {
-                known.push(self.0.me.name.to_string());
-            }
-            known.sort();
-            return Err(ApiError::not_found(format!(
-                "unknown node {}: no agent by that name has joined (nodes: {})",
-                req.node,
-                known.join(", ")
-            )));
-        }
-        if let Some(r) = rec.replicas_placed.iter().find(|r| r.node_name == req.node) {
-            return Err(ApiError::new(
-                ErrorCode::AlreadyExists,
-                format!(
-                    "volume {name} already has a replica on node {} (replica {})",
-                    req.node,
-                    if r.id == 0 { 1 } else { r.id }
-                ),
-            ));
-        }
         let rec = self
             .0
             .add_replica(&name, &req.node, req.resync_rate_bytes_per_s)
@@ -424,22 +400,6 @@ impl<C: ClusterStore> Control for AgentControl<C> {
     }
 
     async fn remove_replica(&self, name: Name, node: Name) -> Result<VolumeView, ApiError> {
-        let (rec, _) = self.0.get_record(&name).await?;
-        if !rec.replicas_placed.iter().any(|r| r.node_name == node) {
-            let on: Vec<&str> = rec
-                .replicas_placed
-                .iter()
-                .map(|r| r.node_name.as_str())
-                .collect();
-            return Err(ApiError::not_found(format!(
-                "volume {name} has no replica on node {node} (its replicas are on: {})",
-                if on.is_empty() {
-                    "none".to_owned()
-                } else {
-                    on.join(", ")
-                }
-            )));
-        }
         let rec = self.0.remove_replica(&name, &node).await?;
         Ok(self.view(&self.context().await?, &rec))
     }

@@ -39,24 +39,25 @@ impl<C: ClusterStore> Node<C> {
     ) -> Result<VolumeRecord, ApiError> {
         let _ops = self.ops_lock.lock().await;
         let nodes = self.node_records().await?;
-        let Some(target) = nodes.values().find(|n| n.name == *node).cloned() else {
-            let known: Vec<&str> = nodes.values().map(|n| n.name.as_str()).collect();
+        // This node answers even before its first heartbeat reached the catalog.
+        let target = if *node == self.me.name {
+            Some(self.own_record())
+        } else {
+            nodes.values().find(|n| n.name == *node).cloned()
+        };
+        let Some(target) = target else {
+            let mut known: Vec<String> = nodes.values().map(|n| n.name.to_string()).collect();
+            if !known.contains(&self.me.name.to_string()) {
+                known.push(self.me.name.to_string());
+            }
+            known.sort();
             return Err(ApiError::not_found(format!(
-                "no node named {node} (known nodes: {})",
-                if known.is_empty() {
-                    "none".to_owned()
-                } else {
-                    known.join(", ")
-                }
+                "unknown node {node}: no agent by that name has joined (nodes: {})",
+                known.join(", ")
             )));
         };
         let alive = self.catalog.list_alive().await.map_err(catalog_error)?;
-        if !alive.iter().any(|(id, _)| *id == target.id) {
-            return Err(ApiError::new(
-                ErrorCode::Unavailable,
-                format!("node {node} is down; a replica can only be added on a live node"),
-            ));
-        }
+        let target_alive = alive.iter().any(|(id, _)| *id == target.id);
         let mut added = None;
         for _ in 0..CAS_RETRIES {
             let Some((mut rec, rev)) =
@@ -70,10 +71,20 @@ impl<C: ClusterStore> Node<C> {
                     format!("volume {name} is {:?}, not ready", rec.state).to_lowercase(),
                 ));
             }
-            if rec.replicas_placed.iter().any(|r| r.node_id == target.id) {
+            rec.assign_replica_ids();
+            if let Some(r) = rec.replicas_placed.iter().find(|r| r.node_id == target.id) {
                 return Err(ApiError::new(
                     ErrorCode::AlreadyExists,
-                    format!("volume {name} already has a replica on node {node}"),
+                    format!(
+                        "volume {name} already has a replica on node {node} (replica {})",
+                        r.id
+                    ),
+                ));
+            }
+            if !target_alive {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("node {node} is down; a replica can only be added on a live node"),
                 ));
             }
             if rec.replicas_placed.len() as u32 >= MAX_REPLICAS {
@@ -92,7 +103,6 @@ impl<C: ClusterStore> Node<C> {
                     ),
                 ));
             }
-            rec.assign_replica_ids();
             let id = rec.next_replica_id();
             rec.replicas_placed.push(ReplicaRecord {
                 node_id: target.id.clone(),

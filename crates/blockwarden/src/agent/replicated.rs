@@ -310,9 +310,8 @@ impl<C: ClusterStore> ConnectorInner<C> {
                     .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
             let device = match device {
                 Ok(d) => d,
-                Err(e) if local.highest() > generation => {
-                    let _ = e;
-                    return Err(ConnectError::Fenced(local.highest()));
+                Err(_) if local.highest() > generation => {
+                    return Err(ConnectError::Fenced(local.highest()))
                 }
                 Err(e) => return Err(ConnectError::Unreachable(super::lifecycle::error_chain(&e))),
             };

@@ -3,6 +3,8 @@
 //!
 //! - `volume show NAME -o json`: `replica_set: [{node, state}]`, and
 //!   `attached: {node, generation, since_ms, explicit}` or `null`.
+//! - replication: `replica_set[].state` (`in_sync`, `stale`, `resyncing`, …); replica files
+//!   compared region by region.
 //! - `node list -o json`: `[{name, alive, labels, capacity_bytes, free_bytes, last_seen_ms}]`.
 
 use std::process::Command;
@@ -145,6 +147,50 @@ pub fn nbdinfo(uri: &str, timeout: Duration) -> ToolRun {
     let mut c = Command::new("nbdinfo");
     c.arg(uri);
     tool(&mut c, timeout)
+}
+
+/// (node, state) of every replica in `volume show NAME -o json`.
+pub fn replica_states(show: &Value) -> Vec<(String, String)> {
+    show["replica_set"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| {
+                    (
+                        r["node"].as_str().unwrap_or("?").to_owned(),
+                        r["state"].as_str().unwrap_or("?").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The replica file of volume `id` on `agent`'s node (`<data dir>/volumes/<id>.img`).
+pub fn replica_file(agent: &ClusterAgent, id: &str) -> std::path::PathBuf {
+    agent.data_dir().join("volumes").join(format!("{id}.img"))
+}
+
+/// Compares two replica files 1 MiB region by region; the error lists the regions that
+/// differ (or the sizes).
+pub fn same_files(a: &std::path::Path, b: &std::path::Path) -> Result<(), String> {
+    const REGION: usize = 1 << 20;
+    let x = std::fs::read(a).map_err(|e| format!("{}: {e}", a.display()))?;
+    let y = std::fs::read(b).map_err(|e| format!("{}: {e}", b.display()))?;
+    if x.len() != y.len() {
+        return Err(format!("sizes differ: {} vs {}", x.len(), y.len()));
+    }
+    let differ: Vec<usize> = (0..x.len().div_ceil(REGION))
+        .filter(|i| {
+            let r = i * REGION..((i + 1) * REGION).min(x.len());
+            x[r.clone()] != y[r]
+        })
+        .collect();
+    if differ.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("regions (1 MiB) that differ: {differ:?}"))
+    }
 }
 
 #[cfg(test)]
