@@ -171,6 +171,10 @@ pub struct ReplicaView {
     /// Progress while it is being copied to (`resyncing`, `rejoining`).
     #[serde(default)]
     pub resync: Option<ResyncView>,
+    /// Bytes it lags behind the in-sync replicas (its changed regions still to copy), when
+    /// the volume is attached with replication; `None` when not known (not attached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<u64>,
 }
 
 /// Progress of one replica's resync.

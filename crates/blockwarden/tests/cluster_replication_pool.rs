@@ -69,6 +69,17 @@ fn resync_regions(events: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The value of the metric line `name{labels}` in n1's `/metrics`.
+fn metric(a: &ClusterAgent, name: &str, labels: &str) -> Option<f64> {
+    let r = testkit::http::request(a.api_addr(), "GET", "/metrics", None).expect("GET /metrics");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let key = format!("{name}{{{labels}}} ");
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The last `n` lines of `s`.
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
@@ -293,6 +304,30 @@ fn scenario(c: &Cluster, full: &str, seed: u64) {
         c.agent(full).is_running(),
         "{full}'s agent survives a full pool"
     );
+    // How far it lags is shown in `volume show` and in the attachment's metrics.
+    let lag = replica_on(&s, full).and_then(|r| r["lag_bytes"].as_u64());
+    assert!(
+        lag.is_some_and(|l| l > 0 && l <= LOAD_REGIONS * MIB),
+        "{full}'s lag is the regions written since it failed (at most {LOAD_REGIONS} MiB): {s}"
+    );
+    let rid = replica_on(&s, full)
+        .and_then(|r| r["id"].as_u64())
+        .expect("id");
+    let labels = format!("volume=\"vm\",replica=\"{rid}\",node=\"{full}\"");
+    assert_eq!(
+        metric(a, "blockwarden_replica_in_sync", &labels),
+        Some(0.0),
+        "metrics show {full} out of sync"
+    );
+    let lag_metric = metric(a, "blockwarden_replica_lag_bytes", &labels);
+    assert!(
+        lag_metric.is_some_and(|l| l > 0.0),
+        "metrics show {full}'s lag: {lag_metric:?}"
+    );
+    assert_eq!(
+        metric(a, "blockwarden_volume_in_sync_replicas", "volume=\"vm\""),
+        Some(1.0)
+    );
     let events = a.cli_ok(&["events"]);
     let failures: Vec<&str> = events
         .lines()
@@ -327,6 +362,16 @@ fn scenario(c: &Cluster, full: &str, seed: u64) {
         tail(&c.agent("n2").log(), 60)
     );
     eprintln!("in sync {:?} after the pool was freed", t_free.elapsed());
+    assert_eq!(
+        metric(a, "blockwarden_replica_lag_bytes", &labels),
+        Some(0.0),
+        "no lag once in sync"
+    );
+    let copied = metric(a, "blockwarden_replica_resynced_bytes_total", &labels);
+    assert!(
+        copied.is_some_and(|b| b > 0.0 && b <= (2 * LOAD_REGIONS * MIB) as f64),
+        "the resync's bytes are counted, close to the touched regions: {copied:?}"
+    );
 
     let sum = load.join().unwrap().expect("load generator set-up");
     eprintln!("load: {sum}");

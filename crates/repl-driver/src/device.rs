@@ -105,6 +105,9 @@ pub struct ReplicaDriverStatus {
     pub resync_eta_s: Option<u64>,
     /// Bytes copied to this replica by resync since the attachment started.
     pub resynced_bytes_total: u64,
+    /// Bytes this replica may lack (its dirty regions × region size): what a resync still
+    /// has to copy before it can rejoin. 0 for an in-sync replica.
+    pub dirty_bytes: u64,
     pub last_error: Option<String>,
 }
 

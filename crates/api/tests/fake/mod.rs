@@ -73,6 +73,7 @@ fn in_sync_replica(id: u64, node: &str) -> ReplicaView {
         in_sync: true,
         error: None,
         resync: None,
+        lag_bytes: None,
     }
 }
 
@@ -234,6 +235,7 @@ impl Control for Fake {
                     rate_bytes_per_s: rate,
                     eta_s: None,
                 }),
+                lag_bytes: Some(v.size_bytes),
             });
             v.replicas += 1;
             v.degraded = true;

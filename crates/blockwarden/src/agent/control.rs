@@ -220,6 +220,7 @@ fn catalog_replicas(ctx: &Context, rec: &VolumeRecord, cluster: bool) -> Vec<Rep
                 in_sync: r.state == ReplicaState::InSync,
                 error,
                 resync: None,
+                lag_bytes: None,
             }
         })
         .collect()

@@ -81,6 +81,7 @@ pub async fn render<C: ClusterStore>(node: &Node<C>) -> String {
             a.usage().connections
         );
     }
+    render_replication(&attachments, &mut out);
     bw_types::metrics::render_headers(&mut out);
     let metrics: Vec<_> = node
         .metrics
@@ -93,4 +94,63 @@ pub async fn render<C: ClusterStore>(node: &Node<C>) -> String {
         m.render(name.as_str(), &mut out);
     }
     out
+}
+
+/// Per-replica series of the volumes attached here with replication: the attachment is the
+/// authority on its replicas' state, lag and resync progress.
+fn render_replication(attachments: &[std::sync::Arc<super::attach::Attachment>], out: &mut String) {
+    out.push_str(
+        "# HELP blockwarden_replica_in_sync 1 if the replica holds every acknowledged write of the attached volume.\n# TYPE blockwarden_replica_in_sync gauge\n\
+         # HELP blockwarden_replica_connected 1 while the attachment has a session to the replica.\n# TYPE blockwarden_replica_connected gauge\n\
+         # HELP blockwarden_replica_lag_bytes Bytes the replica may lack (changed regions not yet copied to it).\n# TYPE blockwarden_replica_lag_bytes gauge\n\
+         # HELP blockwarden_replica_resync_remaining_bytes Bytes left in the current resync pass.\n# TYPE blockwarden_replica_resync_remaining_bytes gauge\n\
+         # HELP blockwarden_replica_resync_rate_bytes_per_second Resync copy rate over the last seconds.\n# TYPE blockwarden_replica_resync_rate_bytes_per_second gauge\n\
+         # HELP blockwarden_replica_resynced_bytes_total Bytes copied to the replica by resync since the volume was attached here.\n# TYPE blockwarden_replica_resynced_bytes_total counter\n\
+         # HELP blockwarden_volume_in_sync_replicas Replicas of the attached volume that are in sync.\n# TYPE blockwarden_volume_in_sync_replicas gauge\n\
+         # HELP blockwarden_volume_reconciled_regions_total Regions copied by crash reconciliation since the volume was attached here.\n# TYPE blockwarden_volume_reconciled_regions_total counter\n",
+    );
+    for a in attachments {
+        let Some(r) = a.replicated.as_ref() else {
+            continue;
+        };
+        let status = r.status();
+        let mut in_sync = 0;
+        for x in &status.replicas {
+            let sync = matches!(x.state, replication::ReplicaState::InSync);
+            in_sync += u32::from(sync);
+            let l = format!(
+                "volume=\"{}\",replica=\"{}\",node=\"{}\"",
+                a.name, x.id.0, x.label
+            );
+            let remaining = x.resync_total_bytes.saturating_sub(x.resync_copied_bytes);
+            let _ = writeln!(out, "blockwarden_replica_in_sync{{{l}}} {}", u8::from(sync));
+            let _ = writeln!(
+                out,
+                "blockwarden_replica_connected{{{l}}} {}",
+                u8::from(x.connected)
+            );
+            let _ = writeln!(out, "blockwarden_replica_lag_bytes{{{l}}} {}", x.dirty_bytes);
+            let _ = writeln!(
+                out,
+                "blockwarden_replica_resync_remaining_bytes{{{l}}} {remaining}"
+            );
+            let _ = writeln!(
+                out,
+                "blockwarden_replica_resync_rate_bytes_per_second{{{l}}} {}",
+                x.resync_rate_bytes_per_s
+            );
+            let _ = writeln!(
+                out,
+                "blockwarden_replica_resynced_bytes_total{{{l}}} {}",
+                x.resynced_bytes_total
+            );
+        }
+        let l = format!("volume=\"{}\"", a.name);
+        let _ = writeln!(out, "blockwarden_volume_in_sync_replicas{{{l}}} {in_sync}");
+        let _ = writeln!(
+            out,
+            "blockwarden_volume_reconciled_regions_total{{{l}}} {}",
+            status.reconciled_regions
+        );
+    }
 }

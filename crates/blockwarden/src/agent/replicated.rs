@@ -440,6 +440,17 @@ pub struct Replicated {
     pub set: Arc<ReplicaSet>,
 }
 
+impl Replicated {
+    /// The driver's status with removed replicas left out (they are closed and gone from
+    /// the volume record, only the core still remembers them until the next attach).
+    pub fn status(&self) -> repl_driver::DriverStatus {
+        let removed = self.set.removed.lock().unwrap().clone();
+        let mut status = self.device.status();
+        status.replicas.retain(|x| !removed.contains(&x.id));
+        status
+    }
+}
+
 /// Stops a replicated attachment and waits (bounded) until its sessions are closed.
 pub async fn stop(r: &Arc<ReplicatedDevice>) {
     r.stop("detached");
@@ -531,14 +542,11 @@ impl<C: ClusterStore> Node<C> {
     /// drop committed, and never of progress).
     pub fn live_replicas(&self, name: &Name) -> Option<Vec<api::ReplicaView>> {
         let att = self.attachment(name)?;
-        let r = att.replicated.as_ref()?;
-        let removed = r.set.removed.lock().unwrap().clone();
-        let status = r.device.status();
+        let status = att.replicated.as_ref()?.status();
         Some(
             status
                 .replicas
                 .iter()
-                .filter(|x| !removed.contains(&x.id))
                 .map(|x| {
                     let resyncing = matches!(x.state, CoreState::Resyncing);
                     api::ReplicaView {
@@ -553,6 +561,7 @@ impl<C: ClusterStore> Node<C> {
                             rate_bytes_per_s: x.resync_rate_bytes_per_s,
                             eta_s: x.resync_eta_s,
                         }),
+                        lag_bytes: Some(x.dirty_bytes),
                     }
                 })
                 .collect(),

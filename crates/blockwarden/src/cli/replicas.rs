@@ -71,10 +71,13 @@ pub fn resync_setting(rate: Option<u64>) -> String {
     }
 }
 
-/// The replicas of `volume show`: id, node, state, and progress (%, rate, ETA) while one
-/// is being copied to; the reason it is not in sync at the end.
+/// The replicas of `volume show`: id, node, state, how far it lags (bytes still to copy,
+/// known while the volume is attached), and progress (%, rate, ETA) while one is being
+/// copied to; the reason it is not in sync at the end.
 pub fn replica_table(rs: &[ReplicaView]) -> String {
-    let mut t = Table::new(&["  ID", "NODE", "STATE", "PROGRESS", "RATE", "ETA", "NOTE"]);
+    let mut t = Table::new(&[
+        "  ID", "NODE", "STATE", "LAG", "PROGRESS", "RATE", "ETA", "NOTE",
+    ]);
     for r in rs {
         let (progress, rate, eta) = match &r.resync {
             Some(p) => (
@@ -93,6 +96,7 @@ pub fn replica_table(rs: &[ReplicaView]) -> String {
             format!("  {}", r.id),
             r.node.clone(),
             r.state.clone(),
+            r.lag_bytes.map_or_else(|| "-".into(), format_size),
             progress,
             rate,
             eta,
@@ -338,6 +342,7 @@ mod tests {
                 in_sync: true,
                 error: None,
                 resync: None,
+                lag_bytes: None,
             },
             ReplicaView {
                 id: 3,
@@ -346,6 +351,7 @@ mod tests {
                 in_sync: false,
                 error: None,
                 resync: Some(resync(512 * MIB, 1 << 30, 64 * MIB, Some(8))),
+                lag_bytes: Some(600 * MIB),
             },
             ReplicaView {
                 id: 4,
@@ -354,6 +360,7 @@ mod tests {
                 in_sync: false,
                 error: Some("node node-c is down".into()),
                 resync: None,
+                lag_bytes: None,
             },
         ];
         let t = replica_table(&rs);
@@ -364,7 +371,8 @@ mod tests {
             lines[2].contains("node-b")
                 && lines[2].contains("50% 512 MiB/1 GiB")
                 && lines[2].contains("64 MiB/s")
-                && lines[2].contains("8s"),
+                && lines[2].contains("8s")
+                && lines[2].contains("600 MiB"),
             "{t}"
         );
         assert!(lines[3].contains("stale") && lines[3].ends_with("node node-c is down"));

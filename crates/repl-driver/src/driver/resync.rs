@@ -180,6 +180,7 @@ impl ReplicaSlot {
             resync_rate_bytes_per_s: rate,
             resync_eta_s: (resyncing && rate > 0).then(|| left.div_ceil(rate)),
             resynced_bytes_total: self.resynced_bytes,
+            dirty_bytes: r.dirty_regions * region,
             last_error: r.last_error.clone(),
         }
     }
