@@ -10,7 +10,7 @@
 //! (same creation revision).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bw_types::{BlockDevice, Generation, IoDone, IoError, IoRequest, Name};
 use catalog::{CatalogError, ClusterStore, Expect, Level, VolumeRecord, VolumeState};
@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use super::node::Node;
 use super::session::Session;
+use super::switch::SwitchDevice;
 use crate::logging::{format_utc_ms, now_ms};
 
 /// How often a read-modify-write of one record is retried on a revision conflict; conflicts
@@ -69,8 +70,11 @@ pub struct Attachment {
     /// Set when the data lives on another node.
     pub remote: Option<Arc<RemoteReplica>>,
     /// Set when the volume has more than one replica: the replication driver behind
-    /// `device`.
-    pub replicated: Option<super::replicated::Replicated>,
+    /// `device`. Set at attach, or later by [`Node::upgrade_to_replicated`] when a replica
+    /// is added to a one-replica volume in use.
+    pub replicated: OnceLock<super::replicated::Replicated>,
+    /// The switchable device under a one-replica local attachment (see `switch.rs`).
+    pub switch: Option<Arc<SwitchDevice>>,
     pub usage: Mutex<Use>,
     /// `true` → close every NBD connection of this attachment now.
     pub kill: watch::Sender<bool>,
@@ -190,14 +194,14 @@ impl<C: ClusterStore> Node<C> {
                         inner: r.device.clone(),
                         session,
                     });
-                    (guard, None, Some(r))
+                    (guard, None, Some(r), None)
                 })
         } else {
             self.open_device(&rec, generation, session)
                 .await
-                .map(|(d, remote)| (d, remote, None))
+                .map(|(d, remote, switch)| (d, remote, None, switch))
         };
-        let (device, remote, replicated) = match opened {
+        let (device, remote, replicated, switch) = match opened {
             Ok(d) => d,
             Err(e) => {
                 let _ = self.catalog.release_owner(name, generation).await;
@@ -210,7 +214,8 @@ impl<C: ClusterStore> Node<C> {
             since_ms: now_ms(),
             device,
             remote,
-            replicated,
+            replicated: replicated.map(OnceLock::from).unwrap_or_default(),
+            switch,
             usage: Mutex::new(Use {
                 connections: u32::from(!explicit),
                 explicit,
@@ -237,14 +242,23 @@ impl<C: ClusterStore> Node<C> {
         Ok(att)
     }
 
-    /// The device of a new attachment: the local replica behind its fence, or the replica on
+    /// The device of a new one-replica attachment: the local replica behind its fence (on a
+    /// [`SwitchDevice`], so an added replica can take over online), or the replica on
     /// another node over the peer protocol; both admit `generation` first.
+    #[allow(clippy::type_complexity)]
     async fn open_device(
         self: &Arc<Self>,
         rec: &VolumeRecord,
         generation: Generation,
         session: Arc<Session>,
-    ) -> Result<(Arc<dyn BlockDevice>, Option<Arc<RemoteReplica>>), AttachError> {
+    ) -> Result<
+        (
+            Arc<dyn BlockDevice>,
+            Option<Arc<RemoteReplica>>,
+            Option<Arc<SwitchDevice>>,
+        ),
+        AttachError,
+    > {
         let placed = rec
             .replicas_placed
             .first()
@@ -264,7 +278,15 @@ impl<C: ClusterStore> Node<C> {
                         "the local replica refused generation {generation}: {e}"
                     ))
                 })?;
-            (dev, None)
+            let switch = Arc::new(SwitchDevice::new(dev));
+            return Ok((
+                Arc::new(SessionGuard {
+                    inner: switch.clone(),
+                    session,
+                }),
+                None,
+                Some(switch),
+            ));
         } else {
             let node = self
                 .catalog
@@ -300,7 +322,7 @@ impl<C: ClusterStore> Node<C> {
             let remote = Arc::new(remote);
             (remote.clone() as Arc<dyn BlockDevice>, Some(remote))
         };
-        Ok((Arc::new(SessionGuard { inner, session }), remote))
+        Ok((Arc::new(SessionGuard { inner, session }), remote, None))
     }
 
     fn peer_state_callback(
@@ -434,7 +456,7 @@ impl<C: ClusterStore> Node<C> {
         if let Some(r) = &att.remote {
             r.close();
         }
-        if let Some(r) = &att.replicated {
+        if let Some(r) = att.replicated.get() {
             super::replicated::stop(&r.device).await;
         }
         match self.catalog.release_owner(&att.name, att.generation).await {

@@ -5,8 +5,9 @@
 //! and marks it `stale` (exists, holds nothing yet). The attachment — whichever node the
 //! volume is active on — picks it up from the record, connects, copies every region to it
 //! (a full resync: holes are written as holes) and marks it in sync through its
-//! generation-conditioned transaction. An unattached volume's new replica is filled on the
-//! next attach.
+//! generation-conditioned transaction. A one-replica volume attached on its replica's node
+//! switches to the replication driver online (`Node::upgrade_to_replicated`). An
+//! unattached volume's new replica is filled on the next attach.
 //!
 //! Removing never removes the last in-sync replica, nor takes the in-sync count below the
 //! volume's `min_in_sync`: either would leave writes with no durable home (or held forever).

@@ -110,7 +110,7 @@ fn render_replication(attachments: &[std::sync::Arc<super::attach::Attachment>],
          # HELP blockwarden_volume_reconciled_regions_total Regions copied by crash reconciliation since the volume was attached here.\n# TYPE blockwarden_volume_reconciled_regions_total counter\n",
     );
     for a in attachments {
-        let Some(r) = a.replicated.as_ref() else {
+        let Some(r) = a.replicated.get() else {
             continue;
         };
         let status = r.status();

@@ -17,6 +17,7 @@ mod reconcile;
 mod recovery;
 mod replicated;
 mod session;
+mod switch;
 
 use std::sync::Arc;
 

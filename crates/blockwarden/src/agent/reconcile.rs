@@ -182,11 +182,27 @@ pub async fn reconcile_loop<C: ClusterStore>(
 async fn apply<C: ClusterStore>(node: &Arc<Node<C>>, rec: &VolumeRecord) {
     if let Some(r) = node.attachment(&rec.name).and_then(|a| {
         a.replicated
-            .as_ref()
+            .get()
             .map(|r| (r.device.clone(), r.set.clone()))
     }) {
         // Attached here with replication: follow added/removed replicas and rate changes.
         node.sync_replicas(&r.0, &r.1, rec);
+    } else if node
+        .attachment(&rec.name)
+        .is_some_and(|a| a.switch.is_some())
+        && rec.state == VolumeState::Ready
+        && rec.replicas_placed.len() > 1
+        && rec
+            .replicas_placed
+            .iter()
+            .all(|r| r.state != ReplicaState::Creating)
+    {
+        // A replica was added to a one-replica volume in use here: switch its attachment to
+        // the replication driver without closing the NBD connections.
+        let (node, name) = (node.clone(), rec.name.clone());
+        node.runtime
+            .clone()
+            .spawn(async move { node.upgrade_to_replicated(&name).await });
     }
     let placed_here = rec.replicas_placed.iter().find(|r| r.node_id == node.me.id);
     let local = node.replica(&rec.id);

@@ -537,12 +537,85 @@ impl<C: ClusterStore> Node<C> {
         Ok(Replicated { device: dev, set })
     }
 
+    /// Switches the one-replica attachment of `name` on this node to the replication driver
+    /// once its record lists more replicas (`volume add-replica` on a volume in use), while
+    /// its NBD connections stay open: new requests are held (`SwitchDevice::pause`), the
+    /// driver starts on the same generation (its first session on the local replica is
+    /// admitted only after the direct device's requests drained), then the held requests go
+    /// to the driver. The added replica is filled by the driver's resync like any new one.
+    /// If the driver cannot start, the held requests fail and the attachment is torn down
+    /// (the old device was fenced by the driver's session): an error event says so and a
+    /// new attach starts cleanly.
+    pub async fn upgrade_to_replicated(self: &Arc<Self>, name: &Name) {
+        let _serial = self.attach_lock.lock().await;
+        let Some(att) = self.attachment(name) else {
+            return;
+        };
+        let Some(switch) = att.switch.clone() else {
+            return;
+        };
+        if att.replicated.get().is_some() || att.closing.load(std::sync::atomic::Ordering::Acquire)
+        {
+            return;
+        }
+        let rec = match self.catalog.get_volume(name).await {
+            Ok(Some((rec, _))) => rec,
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("volume {name}: cannot read its record to start replication: {e}");
+                return;
+            }
+        };
+        if rec.state != catalog::VolumeState::Ready
+            || rec.replicas_placed.len() < 2
+            || rec
+                .replicas_placed
+                .iter()
+                .any(|r| r.state == ReplicaState::Creating)
+        {
+            return;
+        }
+        if !switch.pause() {
+            return;
+        }
+        let started = Instant::now();
+        match self
+            .start_replicated(&rec, att.generation, self.session())
+            .await
+        {
+            Ok(r) => {
+                switch.resume(r.device.clone());
+                let n = rec.replicas_placed.len();
+                let _ = att.replicated.set(r);
+                let msg = format!(
+                    "volume {name}: now replicated to {n} replicas without detaching (I/O held for {} ms); the added replica is filled by a resync",
+                    started.elapsed().as_millis()
+                );
+                self.event(Level::Info, "volume.replication_started", Some(name), msg)
+                    .await;
+            }
+            Err(e) => {
+                let why = format!("cannot switch the attachment to replication: {e}");
+                switch.fail_paused(&why);
+                self.event(
+                    Level::Error,
+                    "volume.replication_failed",
+                    Some(name),
+                    format!("volume {name}: {why}; the attachment is released, attach it again"),
+                )
+                .await;
+                let _ = att.kill.send(true);
+                self.teardown(&att, "volume.detached", &why).await;
+            }
+        }
+    }
+
     /// The live replica states of `name` when it is attached here with replication: the
     /// attachment is the authority on them (the catalog only learns of a failure once the
     /// drop committed, and never of progress).
     pub fn live_replicas(&self, name: &Name) -> Option<Vec<api::ReplicaView>> {
         let att = self.attachment(name)?;
-        let status = att.replicated.as_ref()?.status();
+        let status = att.replicated.get()?.status();
         Some(
             status
                 .replicas
