@@ -165,6 +165,8 @@ pub struct ReplicaSet {
     removed: std::sync::Mutex<std::collections::BTreeSet<ReplicaId>>,
     /// The current session's leg of each replica, to close it on removal.
     legs: std::sync::Mutex<BTreeMap<ReplicaId, Weak<dyn Leg>>>,
+    /// Node name of every replica the driver knows, for events.
+    labels: std::sync::Mutex<BTreeMap<ReplicaId, String>>,
 }
 
 impl ReplicaSet {
@@ -494,6 +496,7 @@ impl<C: ClusterStore> Node<C> {
         let labels: BTreeMap<ReplicaId, String> =
             specs.iter().map(|s| (s.id, s.label.clone())).collect();
         let set = Arc::new(ReplicaSet::default());
+        *set.labels.lock().unwrap() = labels;
         set.learn(&specs.iter().map(|s| s.id).collect::<Vec<_>>());
         let mut core = replication::Config::new(rec.size_bytes);
         core.min_in_sync = rec.min_in_sync.unwrap_or(1).max(1) as usize;
@@ -527,7 +530,7 @@ impl<C: ClusterStore> Node<C> {
             }
         });
         let (notice_tx, notice_rx) = mpsc::unbounded_channel();
-        self.spawn_notice_loop(rec.name.clone(), labels, notice_rx);
+        self.spawn_notice_loop(rec.name.clone(), set.clone(), notice_rx);
         let dev = repl_driver::start(
             opts, generation, specs, connector, catalog, lease_rx, notice_tx,
         )
@@ -663,13 +666,17 @@ impl<C: ClusterStore> Node<C> {
             let Some(r) = rec.replicas_placed.iter().find(|r| r.id == id.0) else {
                 continue;
             };
-            // A new replica holds nothing: every region is to be copied (holes are copied
-            // as holes, so an empty region costs a read, not a write).
+            // A new replica holds nothing: every region is to be copied (a region that is a
+            // hole on the source costs one block-status round trip, no read, no rate).
             let regions = rec
                 .size_bytes
                 .div_ceil(replication::config::DEFAULT_REGION_SIZE_BYTES);
             let dirty: replication::RegionSet =
                 (0..regions).map(replication::RegionIndex).collect();
+            set.labels
+                .lock()
+                .unwrap()
+                .insert(id, r.node_name.to_string());
             dev.add_replica(
                 ReplicaSpec {
                     id,
@@ -688,7 +695,7 @@ impl<C: ClusterStore> Node<C> {
     fn spawn_notice_loop(
         self: &Arc<Self>,
         name: Name,
-        labels: BTreeMap<ReplicaId, String>,
+        set: Arc<ReplicaSet>,
         mut rx: mpsc::UnboundedReceiver<Notice>,
     ) {
         let node = Arc::downgrade(self);
@@ -697,6 +704,7 @@ impl<C: ClusterStore> Node<C> {
             while let Some(n) = rx.recv().await {
                 let Some(node) = node.upgrade() else { return };
                 let on = |r: &ReplicaId| {
+                    let labels = set.labels.lock().unwrap();
                     format!(
                         "replica {} on node {}",
                         r.0,

@@ -77,9 +77,9 @@ pub(crate) enum Msg {
         copy: CopyId,
         to: ReplicaId,
         purpose: CopyPurpose,
-        bytes: u64,
-        /// `Err((replica at fault, reason, fenced by))`.
-        result: Result<(), (ReplicaId, String, Option<Generation>)>,
+        /// `Ok(bytes read from the source)`: 0 when the region was a hole there (nothing
+        /// read, the target's range zeroed); `Err((replica at fault, reason, fenced by))`.
+        result: Result<u64, (ReplicaId, String, Option<Generation>)>,
     },
     Stop(StopReason),
     /// A replica added to the live volume, with the regions it lacks.
@@ -251,9 +251,8 @@ impl Driver {
                 copy,
                 to,
                 purpose,
-                bytes,
                 result,
-            } => self.copy_done(copy, to, purpose, bytes, result),
+            } => self.copy_done(copy, to, purpose, result),
             Msg::AddReplica(spec, dirty) => self.add_replica(spec, dirty),
             Msg::Stop(reason) => {
                 if self.stopped.is_none() {

@@ -8,6 +8,12 @@
 //! one tick's accrual, so a burst never exceeds about one region and tick granularity does
 //! not lose tokens. Unthrottled: the core's credits are topped up to
 //! [`MAX_RESYNC_CREDITS`]. A rate change applies from the next tick.
+//!
+//! **Holes are free.** A region copy first asks the source for the region's allocation
+//! status; a region that reads as zeroes there is not read, the target's range is zeroed
+//! (may punch), and the copy's credit is handed straight back: the rate bounds the bytes
+//! actually moved, so a new replica of a sparse volume is filled at the set rate for its
+//! allocated data, and its empty regions cost one round trip each.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,8 +35,8 @@ pub const COPY_CHUNK_BYTES: u64 = 1 << 20;
 /// Window over which the current resync rate is measured for status and ETA.
 pub const RATE_WINDOW: Duration = Duration::from_secs(3);
 
-/// `Err((replica at fault, reason, fenced by))`.
-type CopyResult = Result<(), (ReplicaId, String, Option<Generation>)>;
+/// `Ok(bytes read from the source)` or `Err((replica at fault, reason, fenced by))`.
+type CopyResult = Result<u64, (ReplicaId, String, Option<Generation>)>;
 
 impl Driver {
     pub(super) fn start_copy(
@@ -63,7 +69,6 @@ impl Driver {
                 copy,
                 to,
                 purpose,
-                bytes: len,
                 result,
             });
         });
@@ -82,12 +87,17 @@ impl Driver {
         copy: CopyId,
         to: ReplicaId,
         purpose: CopyPurpose,
-        bytes: u64,
         result: CopyResult,
     ) {
         match result {
-            Ok(()) => {
+            Ok(bytes) => {
                 match purpose {
+                    CopyPurpose::Resync if bytes == 0 => {
+                        // A hole: nothing moved, so it costs no rate (see the module doc).
+                        if self.shared.rate.lock().unwrap().is_some() {
+                            self.events.push_back(Event::ResyncCredit { replica: to });
+                        }
+                    }
                     CopyPurpose::Resync => {
                         if let Some(s) = self.slots.get_mut(&to) {
                             s.resynced_bytes += bytes;
@@ -204,7 +214,9 @@ async fn submit(leg: &Arc<dyn Leg>, req: IoRequest, timeout: Duration) -> Result
 }
 
 /// Copies `[offset, offset + len)` from `src` to `dst` in chunks; an all-zero chunk is
-/// written as WRITE_ZEROES that may punch a hole, so holes stay holes.
+/// written as WRITE_ZEROES that may punch a hole, so holes stay holes. A range that reads as
+/// zeroes on the source (block status) is not read at all: the target's range is zeroed.
+/// Returns the bytes read from the source.
 async fn copy_range(
     src: &Arc<dyn Leg>,
     from: ReplicaId,
@@ -215,6 +227,24 @@ async fn copy_range(
     timeout: Duration,
 ) -> CopyResult {
     let fail = |leg: &Arc<dyn Leg>, r: ReplicaId, why: String| Err((r, why, leg.fenced()));
+    let status = IoRequest::BlockStatus { offset, len };
+    let all_zero = match submit(src, status, timeout).await {
+        Ok(IoReply::Extents(e)) => e.first().is_some_and(|x| x.zero && x.len >= len),
+        Ok(_) => return fail(src, from, "copy block status: malformed reply".into()),
+        Err(e) => return fail(src, from, format!("copy block status: {e}")),
+    };
+    if all_zero {
+        let zero = IoRequest::WriteZeroes {
+            offset,
+            len,
+            may_punch: true,
+            fua: false,
+        };
+        if let Err(e) = submit(dst, zero, timeout).await {
+            return fail(dst, to, format!("copy write: {e}"));
+        }
+        return Ok(0);
+    }
     let mut at = offset;
     while at < offset + len {
         let n = COPY_CHUNK_BYTES.min(offset + len - at);
@@ -246,5 +276,5 @@ async fn copy_range(
         }
         at += n;
     }
-    Ok(())
+    Ok(len)
 }
