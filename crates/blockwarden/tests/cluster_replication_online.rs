@@ -105,6 +105,12 @@ fn add_replica_to_a_one_replica_volume_in_use_switches_to_replication_online() {
         "one switch to replication is reported:\n{events}"
     );
     eprintln!("{}", switched[0]);
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("replica.rejoined") && l.contains("on node n2")),
+        "the added replica's rejoin names its node:\n{events}"
+    );
 
     let sum = load.join().unwrap().expect("load generator set-up");
     eprintln!("load: {sum}");
