@@ -631,6 +631,22 @@ fn attachment_cut_from_etcd_and_a_replica_acknowledges_nothing_more() {
         "n1's replica in sync again {:?} after the heal",
         t_heal.elapsed()
     );
+    // n1's events from the partition (it could not store them then) reach the history once
+    // it reaches etcd again, in order.
+    let mut events = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            events = b.cli_ok(&["events"]);
+            events
+                .lines()
+                .any(|l| l.contains("replica.failed") && l.contains("node=n1"))
+                && events
+                    .lines()
+                    .any(|l| l.contains("volume.writes_held") && l.contains("node=n1"))
+        }),
+        "n1's replica.failed and volume.writes_held events from the partition are in the \
+         history after the heal:\n{events}"
+    );
     let bad = check_blocks(&b.nbd_uri("vm"), &acked, late, B_BLOCKS);
     assert!(
         bad.is_empty(),

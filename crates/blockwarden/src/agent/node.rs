@@ -70,6 +70,20 @@ pub struct Node<C: ClusterStore> {
     pub runtime: tokio::runtime::Handle,
     /// Runs the operator's alert command for warnings and errors.
     pub hooks: Arc<AlertHook>,
+    /// Events that could not be stored yet (catalog unreachable), oldest first.
+    pending_events: Arc<PendingEvents>,
+}
+
+/// Most events kept while the catalog cannot store them; older ones are dropped (counted,
+/// and reported by an event once the catalog is back).
+pub const MAX_PENDING_EVENTS: usize = 10_000;
+/// How often queued events are retried.
+const EVENT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Default)]
+struct PendingEvents {
+    queue: Mutex<std::collections::VecDeque<NewEvent>>,
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl<C: ClusterStore> Node<C> {
@@ -102,6 +116,7 @@ impl<C: ClusterStore> Node<C> {
             nbd_stats: Arc::new(nbd_server::ServerStats::default()),
             peer_stats: Arc::new(peer::PeerStats::new()),
             runtime: tokio::runtime::Handle::current(),
+            pending_events: Arc::default(),
         }
     }
 
@@ -131,7 +146,10 @@ impl<C: ClusterStore> Node<C> {
     }
 
     /// Appends an event to the history, logs it and runs the alert hook. Never fails the
-    /// caller: an event that cannot be stored is logged as such.
+    /// caller: an event the catalog cannot store now (a node cut off from etcd is exactly
+    /// when the events matter) is queued, in order, and stored by a retry task once the
+    /// catalog answers again (at most [`MAX_PENDING_EVENTS`]; beyond that the oldest are
+    /// dropped and counted).
     pub async fn event(&self, level: Level, kind: &str, volume: Option<&Name>, message: String) {
         log_event(level, kind, volume.map(Name::as_str), &message);
         let mut ev = NewEvent::now(level, kind, message).node(self.me.name.as_str());
@@ -139,9 +157,65 @@ impl<C: ClusterStore> Node<C> {
             ev = ev.volume(v.as_str());
         }
         self.hooks.fire(&ev, &self.runtime);
-        if let Err(e) = self.catalog.append_event(ev).await {
-            log::error!("cannot store event {kind}: {e}");
+        if self.pending_events.queue.lock().unwrap().is_empty() {
+            match self.catalog.append_event(ev.clone()).await {
+                Ok(_) => return,
+                Err(e) => log::warn!("cannot store event {kind} now ({e}); queued for retry"),
+            }
         }
+        self.queue_event(ev);
+    }
+
+    fn queue_event(&self, ev: NewEvent) {
+        let start_retry = {
+            let mut q = self.pending_events.queue.lock().unwrap();
+            if q.len() >= MAX_PENDING_EVENTS {
+                q.pop_front();
+                self.pending_events
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            q.push_back(ev);
+            q.len() == 1
+        };
+        if !start_retry {
+            return;
+        }
+        // One retry task while the queue is non-empty: it started with the first entry and
+        // ends when it emptied the queue (checked under the lock).
+        let (pending, catalog) = (self.pending_events.clone(), self.catalog.clone());
+        let node = self.me.name.to_string();
+        self.runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(EVENT_RETRY).await;
+                loop {
+                    let Some(ev) = pending.queue.lock().unwrap().front().cloned() else {
+                        break;
+                    };
+                    if catalog.append_event(ev).await.is_err() {
+                        break;
+                    }
+                    let emptied = {
+                        let mut q = pending.queue.lock().unwrap();
+                        q.pop_front();
+                        q.is_empty()
+                    };
+                    if emptied {
+                        let lost = pending
+                            .dropped
+                            .swap(0, std::sync::atomic::Ordering::Relaxed);
+                        if lost > 0 {
+                            let msg = format!("{lost} events were dropped while the catalog could not store them (more than {MAX_PENDING_EVENTS} queued)");
+                            let ev = NewEvent::now(Level::Warning, "node.events_dropped", msg)
+                                .node(node.as_str());
+                            let _ = catalog.append_event(ev).await;
+                        }
+                        log::info!("queued events stored");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// [`Node::event`] from synchronous code (completion callbacks, drops).
