@@ -109,6 +109,11 @@ pub struct VolumeRecord {
     /// Fewest in-sync replicas that still accept writes (`--min-in-sync`); `None` = 1.
     #[serde(default)]
     pub min_in_sync: Option<u32>,
+    /// Highest replica id ever given out, so a removed replica's id is never reused (an
+    /// attachment that still remembers the removed replica would ignore a new one with the
+    /// same id). 0 in records written before it existed: the placed ids are the floor.
+    #[serde(default)]
+    pub last_replica_id: u64,
 }
 
 impl VolumeRecord {
@@ -117,14 +122,27 @@ impl VolumeRecord {
     pub fn assign_replica_ids(&mut self) {
         for i in 0..self.replicas_placed.len() {
             if self.replicas_placed[i].id == 0 {
-                self.replicas_placed[i].id = self.next_replica_id();
+                self.replicas_placed[i].id = self.take_replica_id();
             }
         }
     }
 
-    /// The id the next added replica gets.
+    /// The id the next added replica gets: above every id placed now or ever given out.
     pub fn next_replica_id(&self) -> u64 {
-        self.replicas_placed.iter().map(|r| r.id).max().unwrap_or(0) + 1
+        self.replicas_placed
+            .iter()
+            .map(|r| r.id)
+            .max()
+            .unwrap_or(0)
+            .max(self.last_replica_id)
+            + 1
+    }
+
+    /// [`VolumeRecord::next_replica_id`], recorded as given out.
+    pub fn take_replica_id(&mut self) -> u64 {
+        let id = self.next_replica_id();
+        self.last_replica_id = id;
+        id
     }
 }
 

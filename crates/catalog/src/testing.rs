@@ -65,6 +65,7 @@ pub fn sample_volume(name: &str, id: &str) -> VolumeRecord {
         replicas_placed: Vec::new(),
         resync_rate_bytes_per_s: None,
         min_in_sync: None,
+        last_replica_id: 0,
     }
 }
 

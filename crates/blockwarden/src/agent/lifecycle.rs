@@ -96,6 +96,7 @@ impl<C: ClusterStore> Node<C> {
                 .collect(),
             resync_rate_bytes_per_s: req.resync_rate_bytes_per_s,
             min_in_sync: req.min_in_sync,
+            last_replica_id: 0,
         };
         let rev = match self.catalog.put_volume(&rec, Expect::Absent).await {
             Ok(rev) => rev,

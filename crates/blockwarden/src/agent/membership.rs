@@ -104,7 +104,7 @@ impl<C: ClusterStore> Node<C> {
                     ),
                 ));
             }
-            let id = rec.next_replica_id();
+            let id = rec.take_replica_id();
             rec.replicas_placed.push(ReplicaRecord {
                 node_id: target.id.clone(),
                 node_name: target.name.clone(),
@@ -253,6 +253,8 @@ impl<C: ClusterStore> Node<C> {
                     format!("removing the replica on node {node} would leave {in_sync_after} in-sync replica(s), fewer than the volume's --min-in-sync {min}; lower it with `volume set {name} --min-in-sync` first"),
                 ));
             }
+            // Never give the removed id out again (see `VolumeRecord::last_replica_id`).
+            rec.last_replica_id = rec.last_replica_id.max(rec.next_replica_id() - 1);
             rec.replicas_placed.retain(|r| r.id != victim.id);
             rec.replicas = rec.replicas_placed.len() as u32;
             match self.catalog.put_volume(&rec, Expect::At(rev)).await {
