@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# C2 cluster benchmarks (issue 3 "Performance", SPEC §6), one command, as root:
+# C2 and C3 cluster benchmarks (issue 3 and issue 4 "Performance", SPEC §6), one command, as root:
 #
 #   1. lease takeover after kill -9 of the holder's agent (median/max over TAKEOVER_RUNS),
 #      next to the sanlock formula (140 s) and the etcd-side expectation (TTL − KA age + ≤0.6 s)
@@ -9,18 +9,41 @@
 #   3. remote attach throughput over veth vs local: fio nbd engine 1 MiB seq write QD8 and
 #      4 KiB rand write QD32, volume attached on n1 with its replica on n1 (local) or n2
 #      (remote, peer protocol), and the raw TCP n1 -> n2 throughput (iperf3) in the same rep
+#   4. (PARTS repl) synchronous replication, issue 4: in one run with the same namespaces, the
+#      raw disk (fio O_DIRECT on a TP_SIZE file on the agents' file system), the raw TCP link
+#      n1 -> n2 (iperf3), qemu-nbd serving that file inside n1, a 1-replica volume (n1) and a
+#      2-replica volume (n1 + n2, sync over veth), all attached/served on n1 and driven by fio
+#      in n1's namespace: seqwrite_1M_qd8, seqwrite_1M_qd1, randwrite_4k_qd32 (IOPS),
+#      randwrite_4k_qd1 (p50/p99 latency); target: 2 replicas 1 MiB QD8 >= 0.80 x
+#      min(raw disk, raw TCP). Then full resyncs of the 2-replica volume (every region, TP_SIZE,
+#      copied n1 -> n2 over the peer protocol after an outage of n2: kill -9 its agent,
+#      rewrite all of the volume through n1, restart n2): at the default rate (DEFAULT_RESYNC_RATE_BYTES_PER_S) while each of RESYNC_JOBS runs,
+#      next to the same job alone (bound: the job keeps >= RESYNC_KEEP of its throughput);
+#      unthrottled (`volume set --resync-rate 0`; target: copy rate >= 0.90 x min(raw disk,
+#      raw TCP)); throttled at RESYNC_RATE (target: copy rate within 10 %); and, for
+#      reference, `volume add-replica` of a third replica on n3 (unthrottled).
+#      SYSCOUNT (1) counts the servers' fsync/fdatasync/rename calls per fio IO (perf stat on
+#      syscall tracepoints). CEPH=1 adds Ceph RBD (pool size 2) from ../shared/bench/ceph as
+#      a peer in the table (set up and torn down by its scripts; needs the ceph packages).
 #
 # The driver is crates/testkit/examples/cluster_bench.rs (uses the testkit cluster harness:
 # namespaces on a bridge, a 3-member etcd, agents as real processes; torn down on exit).
 #
-#   sudo bench/cluster-bench.sh             # full run, ~10 min
-#   sudo QUICK=1 bench/cluster-bench.sh     # short trial, ~2 min
+#   sudo bench/cluster-bench.sh                        # full run, ~17 min
+#   sudo QUICK=1 bench/cluster-bench.sh                # short trial, ~5 min
+#   sudo BUILD=0 PARTS=repl bench/cluster-bench.sh     # replication only, ~9 min
+#   sudo BUILD=0 QUICK=1 PARTS=repl bench/cluster-bench.sh   # replication trial, ~3 min
 #
 # Knobs (env): QUICK, BUILD (1: cargo build --release first; 0: use existing binaries),
-# PARTS (embedded,cp,tp,takeover), TAKEOVER_RUNS (20), POLL_MS (50), CP_OPS (500),
-# CLI_OPS (100), ETCD_OPS (300), TP_REPS (3), FIO_RUNTIME (6), FIO_RAMP (1), TP_SIZE (2G),
-# IPERF_SECS (5), SEED, KEEPALIVE_S (1), PERF (1: perf-record both agents during rep 0's fio
-# jobs into <results>/perf-*.data; distorts those numbers), BENCH_TIMEOUT (2400 s, whole driver).
+# PARTS (embedded,cp,tp,repl,takeover), TAKEOVER_RUNS (20), POLL_MS (50; also the resync
+# progress poll), CP_OPS (500), CLI_OPS (100), ETCD_OPS (300), TP_REPS (3; tp and repl),
+# FIO_RUNTIME (6), FIO_RAMP (1), TP_SIZE (2G; tp and repl volumes, the raw file, the resync
+# size), IPERF_SECS (5), RESYNC_RATE (100M), RESYNC_KEEP (0.5),
+# RESYNC_JOBS (randwrite_4k_qd32,seqwrite_1M_qd8,randwrite_4k_qd1), DEFAULT_RESYNC_RATE
+# (bytes/s; read from the agent's source by default), SYSCOUNT (1), CEPH (0), CEPH_DIR
+# (../shared/bench/ceph), SEED, KEEPALIVE_S (1), PERF (1: perf-record the agents during
+# rep 0's fio jobs and the unthrottled resync into <results>/perf-*.data; distorts those
+# numbers), BENCH_TIMEOUT (3600 s, whole driver).
 # Results: bench/results/<stamp>.cluster/ (summary.txt, *.tsv, driver.log, machine.txt).
 set -euo pipefail
 
@@ -35,10 +58,14 @@ fi
 export TAKEOVER_RUNS=${TAKEOVER_RUNS:-20} POLL_MS=${POLL_MS:-50} CP_OPS=${CP_OPS:-500}
 export CLI_OPS=${CLI_OPS:-100} ETCD_OPS=${ETCD_OPS:-300} TP_REPS=${TP_REPS:-3}
 export FIO_RUNTIME=${FIO_RUNTIME:-6} FIO_RAMP=${FIO_RAMP:-1} TP_SIZE=${TP_SIZE:-2G}
-export IPERF_SECS=${IPERF_SECS:-5} PARTS=${PARTS:-embedded,cp,tp,takeover}
+export IPERF_SECS=${IPERF_SECS:-5} PARTS=${PARTS:-embedded,cp,tp,repl,takeover}
+export RESYNC_RATE=${RESYNC_RATE:-100M} RESYNC_KEEP=${RESYNC_KEEP:-0.5}
+export RESYNC_JOBS=${RESYNC_JOBS:-randwrite_4k_qd32,seqwrite_1M_qd8,randwrite_4k_qd1}
+export SYSCOUNT=${SYSCOUNT:-1} CEPH=${CEPH:-0} CEPH_DIR=${CEPH_DIR:-$(dirname "$ROOT")/shared/bench/ceph}
 [[ -n ${SEED:-} ]] && export SEED
+[[ -n ${DEFAULT_RESYNC_RATE:-} ]] && export DEFAULT_RESYNC_RATE
 BUILD=${BUILD:-1}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-2400}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-3600}
 
 die() { echo "cluster-bench: $*" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || die "run as root (network namespaces, nftables)"
@@ -47,6 +74,10 @@ for t in fio etcd ip nft timeout; do
 done
 command -v iperf3 >/dev/null ||
     echo "cluster-bench: iperf3 not installed (apt-get install -y iperf3); using a plain TCP blast for the link" >&2
+if [[ ,$PARTS, == *,repl,* ]]; then
+    command -v qemu-nbd >/dev/null ||
+        echo "cluster-bench: qemu-nbd not installed (apt-get install -y qemu-utils); repl runs without the qemu-nbd column" >&2
+fi
 
 if [[ $BUILD == 1 ]]; then
     cargo build --release -p blockwarden
@@ -73,7 +104,8 @@ export OUT
     echo "iperf3: $(iperf3 --version 2>/dev/null | head -1 || echo none)"
     echo "git: $(git rev-parse --short HEAD) + $(git status --short | wc -l) changed/untracked paths"
     echo "blockwarden: $(ls -l --time-style=+%FT%T "$BW_BIN" | awk '{print $6}') sha256 $(sha256sum "$BW_BIN" | cut -c1-12)"
-    echo "knobs: QUICK=${QUICK:-0} PARTS=$PARTS TAKEOVER_RUNS=$TAKEOVER_RUNS POLL_MS=$POLL_MS CP_OPS=$CP_OPS CLI_OPS=$CLI_OPS ETCD_OPS=$ETCD_OPS TP_REPS=$TP_REPS FIO_RUNTIME=$FIO_RUNTIME FIO_RAMP=$FIO_RAMP TP_SIZE=$TP_SIZE IPERF_SECS=$IPERF_SECS"
+    echo "qemu-nbd: $(qemu-nbd --version 2>/dev/null | head -1 || echo none)"
+    echo "knobs: QUICK=${QUICK:-0} PARTS=$PARTS TAKEOVER_RUNS=$TAKEOVER_RUNS POLL_MS=$POLL_MS CP_OPS=$CP_OPS CLI_OPS=$CLI_OPS ETCD_OPS=$ETCD_OPS TP_REPS=$TP_REPS FIO_RUNTIME=$FIO_RUNTIME FIO_RAMP=$FIO_RAMP TP_SIZE=$TP_SIZE IPERF_SECS=$IPERF_SECS RESYNC_RATE=$RESYNC_RATE RESYNC_KEEP=$RESYNC_KEEP RESYNC_JOBS=$RESYNC_JOBS CEPH=$CEPH"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt"
 
@@ -96,6 +128,12 @@ sweep() {
     left=$(compgen -G "${TMPDIR:-/tmp}/bw-*-$DRV-*" || true)
     [[ -z $left ]] || echo "cluster-bench: harness files kept for diagnosis (remove when done):" $left >&2
 }
+ceph_sweep() {
+    # CEPH=1: the driver started Ceph daemons (they daemonize) but died before its teardown
+    [[ -n ${OUT:-} && -f $OUT/ceph-started && ! -f $OUT/ceph-teardown.log ]] || return 0
+    echo "cluster-bench: tearing down the Ceph cluster the driver started" >&2
+    timeout 180 bash "$(cat "$OUT/ceph-started")/teardown.sh" >"$OUT/ceph-teardown.log" 2>&1 || true
+}
 cleanup() {
     local rc=$?
     if [[ -n $DRV ]] && kill -0 "$DRV" 2>/dev/null; then
@@ -109,6 +147,7 @@ cleanup() {
     fi
     [[ -n $TPID ]] && kill -KILL "$TPID" 2>/dev/null || true
     sweep
+    ceph_sweep
     exit "$rc"
 }
 trap cleanup EXIT

@@ -1,21 +1,35 @@
-//! C2 benchmarks (issue 3 "Performance"; SPEC §6): lease takeover after `kill -9`, control
-//! plane latency (cluster and embedded), remote attach throughput over veth vs local.
+//! C2 and C3 benchmarks (issue 3 and issue 4 "Performance"; SPEC §6): lease takeover after
+//! `kill -9`, control plane latency (cluster and embedded), remote attach throughput over veth
+//! vs local, and synchronous replication (2 replicas vs 1 vs qemu-nbd vs the raw disk; resync
+//! unthrottled, throttled, and the default rate against a VM's I/O).
 //!
 //! Run by `bench/cluster-bench.sh` (as root, release build). Everything is configured by
 //! environment variables (defaults in brackets):
 //!
 //! - `BW_BIN`           the `blockwarden` binary (required)
 //! - `OUT`              directory for raw results and `summary.txt` (required)
-//! - `PARTS`            comma list of `embedded`, `cp`, `tp`, `takeover` [all four]
-//! - `TAKEOVER_RUNS`    kill -9 rounds [20]; `POLL_MS` attach poll period [50]
+//! - `PARTS`            comma list of `embedded`, `cp`, `tp`, `repl`, `takeover` [all five]
+//! - `TAKEOVER_RUNS`    kill -9 rounds [20]; `POLL_MS` attach / resync poll period [50]
 //! - `CP_OPS`           create/attach/detach operations each, per mode [500]
 //! - `CLI_OPS`          the same through the CLI process, per op and mode [100]
 //! - `ETCD_OPS`         raw etcd range/txn round trips for the step breakdown [300]
-//! - `TP_REPS`          throughput reps [3]; `FIO_RUNTIME` [6] / `FIO_RAMP` [1] seconds;
-//!   `TP_SIZE` volume size [2G]; `IPERF_SECS` [5]
+//! - `TP_REPS`          throughput reps (tp and repl) [3]; `FIO_RUNTIME` [6] / `FIO_RAMP` [1]
+//!   seconds; `TP_SIZE` volume (and raw file, resync) size [2G]; `IPERF_SECS` [5]
+//! - `RESYNC_RATE`      the throttled resync's set rate [100M]
+//! - `RESYNC_KEEP`      repl: the least share of its throughput alone a fio job must keep while
+//!   a resync runs at the default rate [0.5]
+//! - `RESYNC_JOBS`      repl: the fio jobs run against a default-rate resync
+//!   [randwrite_4k_qd32,seqwrite_1M_qd8,randwrite_4k_qd1]
+//! - `DEFAULT_RESYNC_RATE` the agent's default resync rate, bytes/s [read from
+//!   `DEFAULT_RESYNC_RATE_BYTES_PER_S` in the agent's source this driver was built with]
+//! - `CEPH`             repl: 1 = also run the jobs against Ceph RBD (pool size 2) from
+//!   `CEPH_DIR` [../shared/bench/ceph], set up and torn down by its scripts [0]
 //! - `SEED`             takeover jitter seed [time]
 //! - `KEEPALIVE_S`      the agent's lease renewal period, for the expectation line [1]
-//! - `PERF`             1: `perf record -g` both agents during rep 0's fio jobs [0]
+//! - `SYSCOUNT`         repl: 1 = count the servers' fsync/fdatasync/rename calls per fio IO
+//!   with `perf stat` on syscall tracepoints (cheap; skipped without perf) [1]
+//! - `PERF`             1: `perf record -g` the agents during rep 0's fio jobs (tp: both
+//!   targets; repl: the 2-replica volume) and during the unthrottled resync [0]
 //!
 //! Every loop is bounded in count and in time. Namespaces, etcd and agents are torn down by the
 //! harness's `Drop` (also on panic); `bench/cluster-bench.sh` sweeps what a SIGKILL leaves.
@@ -55,6 +69,13 @@ struct Cfg {
     seed: u64,
     keepalive_s: f64,
     perf: bool,
+    resync_rate: String,
+    resync_keep: f64,
+    resync_jobs: Vec<String>,
+    default_resync_rate: u64,
+    ceph: bool,
+    ceph_dir: PathBuf,
+    syscount: bool,
 }
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
@@ -72,7 +93,7 @@ impl Cfg {
         let bin = PathBuf::from(std::env::var("BW_BIN").expect("BW_BIN=<blockwarden binary>"));
         let out = PathBuf::from(std::env::var("OUT").expect("OUT=<results dir>"));
         std::fs::create_dir_all(&out).expect("create OUT");
-        let parts = env_or("PARTS", "embedded,cp,tp,takeover".to_owned())
+        let parts = env_or("PARTS", "embedded,cp,tp,repl,takeover".to_owned())
             .split(',')
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
@@ -94,6 +115,28 @@ impl Cfg {
             seed: env_or("SEED", testkit::rng::seed_from_time()),
             keepalive_s: env_or("KEEPALIVE_S", 1.0),
             perf: env_or("PERF", 0u8) == 1,
+            resync_rate: env_or("RESYNC_RATE", "100M".to_owned()),
+            resync_keep: env_or("RESYNC_KEEP", 0.5),
+            resync_jobs: env_or(
+                "RESYNC_JOBS",
+                "randwrite_4k_qd32,seqwrite_1M_qd8,randwrite_4k_qd1".to_owned(),
+            )
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+            default_resync_rate: match std::env::var("DEFAULT_RESYNC_RATE") {
+                Ok(v) if !v.trim().is_empty() => size_bytes(&v),
+                _ => default_resync_rate_in_source().expect(
+                    "cannot read DEFAULT_RESYNC_RATE_BYTES_PER_S from the agent's source; set DEFAULT_RESYNC_RATE",
+                ),
+            },
+            ceph: env_or("CEPH", 0u8) == 1,
+            syscount: env_or("SYSCOUNT", 1u8) == 1,
+            ceph_dir: PathBuf::from(env_or(
+                "CEPH_DIR",
+                "../shared/bench/ceph".to_owned(),
+            )),
         }
     }
     fn part(&self, p: &str) -> bool {
@@ -1307,6 +1350,1388 @@ fn throughput(c: &Cluster, cfg: &Cfg, rep: &mut Report) {
 }
 
 // ---------------------------------------------------------------------------------------
+// replication (issue 4 "Performance"): 2 sync replicas vs 1 replica vs qemu-nbd vs the raw
+// disk; resync unthrottled, throttled, and at the default rate under a VM's I/O
+
+const MIB: f64 = 1048576.0;
+
+/// `"512M"`-style sizes and rates (K, M, G, T are powers of 1024, as the agent reads them;
+/// a trailing `/s` is allowed).
+fn size_bytes(s: &str) -> u64 {
+    let t = s.trim().to_ascii_uppercase();
+    let t = t.trim_end_matches("/S");
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, suffix) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .unwrap_or_else(|_| panic!("size {s:?}: want a whole number with K/M/G/T"));
+    let shift = match suffix.trim() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => panic!("size {s:?}: unknown unit"),
+    };
+    n << shift
+}
+
+/// The agent source this driver was built with (cargo rebuilds the driver when it changes).
+const REPLICATED_RS: &str = include_str!("../../blockwarden/src/agent/replicated.rs");
+
+/// `DEFAULT_RESYNC_RATE_BYTES_PER_S` as written there (`N`, `N << S` or `N * M`).
+fn default_resync_rate_in_source() -> Option<u64> {
+    let line = REPLICATED_RS
+        .lines()
+        .find(|l| l.contains("const DEFAULT_RESYNC_RATE_BYTES_PER_S"))?;
+    let expr = line.split_once('=')?.1.trim().trim_end_matches(';').trim();
+    let num = |x: &str| x.trim().replace('_', "").parse::<u64>().ok();
+    if let Some((a, b)) = expr.split_once("<<") {
+        return Some(num(a)? << num(b)?);
+    }
+    if let Some((a, b)) = expr.split_once('*') {
+        return Some(num(a)? * num(b)?);
+    }
+    num(expr)
+}
+
+/// Write-side figures of one fio run: MiB/s, IOPS, total (submit to completion) latency
+/// percentiles in µs as `bench/nbd-bench.sh` reports them, and the IO count.
+#[derive(Clone, Copy, Default)]
+struct FioOut {
+    mibs: f64,
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+    ios: f64,
+}
+
+/// One fio job in namespace `ns` (root namespace when `None`). `target`: the engine and
+/// device arguments; `job`: the pattern; `timed`: `Some((runtime, ramp))` seconds.
+fn fio_on(
+    lab: &Lab,
+    ns: Option<&str>,
+    target: &[String],
+    job: &str,
+    size: &str,
+    timed: Option<(u32, u32)>,
+    env: &[(String, String)],
+) -> Result<FioOut, String> {
+    let mut c = Command::new("fio");
+    c.args([
+        "--name=job",
+        "--output-format=json",
+        "--lat_percentiles=1",
+        &format!("--size={size}"),
+    ])
+    .args(target)
+    .args(job.split_whitespace());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut limit = Duration::from_secs(900);
+    if let Some((runtime, ramp)) = timed {
+        c.args([
+            "--time_based",
+            &format!("--runtime={runtime}"),
+            &format!("--ramp_time={ramp}"),
+        ]);
+        limit = Duration::from_secs(u64::from(runtime + ramp) + 120);
+    }
+    let out = match ns {
+        Some(ns) => lab.output_in(ns, &mut c, limit),
+        None => run_with_timeout(&mut c, limit),
+    }
+    .map_err(|e| format!("fio {job} on {target:?}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "fio {job} on {target:?} failed ({}): {}\n{}",
+            out.status,
+            testkit::agent::tail(&String::from_utf8_lossy(&out.stderr), 10),
+            testkit::agent::tail(&text, 10)
+        ));
+    }
+    let j: Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..])
+        .map_err(|e| format!("fio JSON: {e}\n{text}"))?;
+    let w = &j["jobs"][0]["write"];
+    let p = |q: &str| w["lat_ns"]["percentile"][q].as_f64().unwrap_or(f64::NAN) / 1000.0;
+    Ok(FioOut {
+        mibs: w["bw_bytes"].as_f64().unwrap_or(0.0) / MIB,
+        iops: w["iops"].as_f64().unwrap_or(0.0),
+        p50_us: p("50.000000"),
+        p99_us: p("99.000000"),
+        ios: w["total_ios"].as_f64().unwrap_or(0.0),
+    })
+}
+
+/// The repl part's fio jobs: (name, arguments).
+const REPL_JOBS: [(&str, &str); 4] = [
+    ("seqwrite_1M_qd8", "--rw=write --bs=1M --iodepth=8"),
+    ("seqwrite_1M_qd1", "--rw=write --bs=1M --iodepth=1"),
+    (
+        "randwrite_4k_qd32",
+        "--rw=randwrite --bs=4k --iodepth=32 --randrepeat=0",
+    ),
+    (
+        "randwrite_4k_qd1",
+        "--rw=randwrite --bs=4k --iodepth=1 --randrepeat=0",
+    ),
+];
+
+fn job_args(job: &str) -> &'static str {
+    REPL_JOBS
+        .iter()
+        .find(|(n, _)| *n == job)
+        .map(|(_, a)| *a)
+        .unwrap_or_else(|| panic!("unknown job {job:?} (have: seqwrite_1M_qd8, seqwrite_1M_qd1, randwrite_4k_qd32, randwrite_4k_qd1)"))
+}
+
+/// The job's headline figure: MiB/s for 1 MiB jobs, IOPS for 4 KiB ones.
+fn headline(job: &str, f: &FioOut) -> f64 {
+    if job.starts_with("seq") {
+        f.mibs
+    } else {
+        f.iops
+    }
+}
+
+fn unit(job: &str) -> &'static str {
+    if job.starts_with("seq") {
+        "MiB/s"
+    } else {
+        "IOPS"
+    }
+}
+
+/// A device the repl part measures.
+struct Target {
+    name: &'static str,
+    /// fio's engine and device arguments.
+    args: Vec<String>,
+    /// Namespace fio runs in (`None`: root namespace).
+    ns: Option<&'static str>,
+    env: Vec<(String, String)>,
+    /// Server processes whose CPU is charged to it.
+    pids: Vec<u32>,
+}
+
+/// A Ceph cluster set up by `CEPH_DIR/setup.sh`; torn down by its `teardown.sh` on drop
+/// (also on panic).
+struct CephRun {
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for CephRun {
+    fn drop(&mut self) {
+        let mut c = Command::new("bash");
+        c.arg(self.dir.join("teardown.sh")).current_dir(&self.dir);
+        match run_with_timeout(&mut c, Duration::from_secs(180)) {
+            Ok(o) => {
+                let mut log = String::from_utf8_lossy(&o.stdout).into_owned();
+                log.push_str(&String::from_utf8_lossy(&o.stderr));
+                let _ = std::fs::write(&self.log, log);
+                note!("ceph: teardown.sh exited {}", o.status);
+            }
+            Err(e) => note!("ceph: teardown.sh: {e}"),
+        }
+    }
+}
+
+/// Pids in `CEPH_DIR/tmp/run/*.pid` that are alive.
+fn ceph_pids(dir: &Path) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir(dir.join("tmp/run")) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|s| s.trim().parse::<u32>().ok())
+        .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+        .collect()
+}
+
+/// Sets up the Ceph peer (pool size 2, image rbd/bench) when `CEPH=1` and it can run here;
+/// otherwise says why not in the report.
+fn ceph_start(cfg: &Cfg, rep: &mut Report) -> Option<(CephRun, Target)> {
+    if !cfg.ceph {
+        rep.line("ceph: not run (CEPH=1 runs the same jobs against Ceph RBD, pool size 2, from ../shared/bench/ceph)");
+        return None;
+    }
+    let Ok(dir) = std::fs::canonicalize(&cfg.ceph_dir) else {
+        rep.line(format!(
+            "ceph: SKIPPED: no {} (CEPH_DIR)",
+            cfg.ceph_dir.display()
+        ));
+        return None;
+    };
+    for t in ["ceph", "ceph-mon", "ceph-osd", "ceph-mgr", "rbd"] {
+        if !have_tool(t) {
+            rep.line(format!("ceph: SKIPPED: {t} is not installed (apt-get install -y ceph-mon ceph-osd ceph-mgr ceph-common)"));
+            return None;
+        }
+    }
+    if !ceph_pids(&dir).is_empty() {
+        rep.line(format!(
+            "ceph: SKIPPED: {} already runs Ceph daemons (someone else's run?); not touching them",
+            dir.display()
+        ));
+        return None;
+    }
+    let gib = size_bytes(&cfg.tp_size).div_ceil(1 << 30).max(4);
+    let t = Instant::now();
+    // for bench/cluster-bench.sh: tear down what setup.sh started if this driver is killed
+    let _ = std::fs::write(cfg.out.join("ceph-started"), dir.display().to_string());
+    let mut c = Command::new("bash");
+    c.arg(dir.join("setup.sh"))
+        .current_dir(&dir)
+        .env("IMAGE_GB", gib.to_string());
+    let guard = CephRun {
+        dir: dir.clone(),
+        log: cfg.out.join("ceph-teardown.log"),
+    };
+    let out = run_with_timeout(&mut c, Duration::from_secs(400));
+    let (ok, log) = match out {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    };
+    let _ = std::fs::write(cfg.out.join("ceph-setup.log"), &log);
+    if !ok {
+        rep.line(format!(
+            "ceph: SKIPPED: setup.sh failed after {:.0} s (ceph-setup.log): {}",
+            t.elapsed().as_secs_f64(),
+            testkit::agent::tail(&log, 3)
+        ));
+        return None; // guard drops: teardown
+    }
+    note!("ceph: up in {:.0} s", t.elapsed().as_secs_f64());
+    let conf = dir.join("tmp/ceph.conf");
+    let target = Target {
+        name: "ceph-rbd",
+        args: vec![
+            "--ioengine=rbd".into(),
+            "--clientname=admin".into(),
+            "--pool=rbd".into(),
+            "--rbdname=bench".into(),
+        ],
+        ns: None,
+        env: vec![("CEPH_CONF".into(), conf.display().to_string())],
+        pids: ceph_pids(&dir),
+    };
+    rep.line(format!(
+        "ceph: single-host Ceph from {} (1 mon, 1 mgr, 2 BlueStore OSDs on files on the same disk, pool rbd size 2, {gib} GiB image rbd/bench; loopback in the root namespace, not the veths), fio rbd engine (librbd), set up in {:.0} s",
+        dir.display(),
+        t.elapsed().as_secs_f64()
+    ));
+    Some((guard, target))
+}
+
+/// `perf record -g` of `pids` into `data` until the returned child is stopped by
+/// [`perf_stop`].
+fn perf_start(pids: &[u32], data: &Path) -> Option<std::process::Child> {
+    let list = pids
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    Command::new("perf")
+        .args(["record", "-F", "499", "-g", "-p", &list, "-o"])
+        .arg(data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()
+}
+
+fn perf_stop(p: Option<std::process::Child>) {
+    if let Some(mut p) = p {
+        // SAFETY: our own child, not yet reaped
+        unsafe { libc::kill(p.id() as libc::pid_t, libc::SIGINT) };
+        let _ = p.wait();
+    }
+}
+
+/// Durability syscalls counted by [`syscalls_start`] (tracepoints, no ptrace).
+const SYSCALL_EVENTS: [&str; 6] = [
+    "syscalls:sys_enter_fsync",
+    "syscalls:sys_enter_fdatasync",
+    "syscalls:sys_enter_sync_file_range",
+    "syscalls:sys_enter_rename",
+    "syscalls:sys_enter_renameat",
+    "syscalls:sys_enter_renameat2",
+];
+
+/// `perf stat` counting [`SYSCALL_EVENTS`] of `pids` (all threads) into `out` until
+/// [`syscalls_stop`]; `None` when `SYSCOUNT=0`, perf is missing or nothing to watch.
+fn syscalls_start(cfg: &Cfg, pids: &[u32], out: &Path) -> Option<(std::process::Child, PathBuf)> {
+    if !cfg.syscount || pids.is_empty() || !have_tool("perf") {
+        return None;
+    }
+    let list = pids
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let child = Command::new("perf")
+        .args([
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            &SYSCALL_EVENTS.join(","),
+            "-p",
+            &list,
+            "-o",
+        ])
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    Some((child, out.to_owned()))
+}
+
+/// Stops the count; (fsync + fdatasync + sync_file_range, renames), or `None` if unread.
+fn syscalls_stop(p: Option<(std::process::Child, PathBuf)>) -> Option<(f64, f64)> {
+    let (mut child, out) = p?;
+    // SAFETY: our own child, not yet reaped
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&out).ok()?;
+    let _ = std::fs::remove_file(&out);
+    let (mut syncs, mut renames, mut seen) = (0.0, 0.0, false);
+    for l in text.lines() {
+        let f: Vec<&str> = l.split(',').collect();
+        let (Some(n), Some(ev)) = (f.first().and_then(|x| x.parse::<f64>().ok()), f.get(2)) else {
+            continue;
+        };
+        seen = true;
+        if ev.contains("rename") {
+            renames += n;
+        } else {
+            syncs += n;
+        }
+    }
+    seen.then_some((syncs, renames))
+}
+
+fn cpu_ms(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| proc_cpu_ms(Some(*p))).sum()
+}
+
+/// A JSON API call that must succeed; panics with the answer otherwise.
+#[track_caller]
+fn api_ok(h: &mut Http, method: &str, path: &str, body: Option<Value>) -> Value {
+    let b = body.map(|b| b.to_string());
+    let r = h
+        .call(method, path, b.as_deref())
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    assert!(
+        r.ok(),
+        "{method} {path} {}: {} {}",
+        b.unwrap_or_default(),
+        r.status,
+        r.body
+    );
+    r.json()
+}
+
+/// `GET /v1/volumes/NAME` (Null on an error answer).
+fn vol_show(h: &mut Http, vol: &str) -> Value {
+    h.call("GET", &format!("/v1/volumes/{vol}"), None)
+        .map(|r| r.json())
+        .unwrap_or(Value::Null)
+}
+
+fn replica_entry<'a>(show: &'a Value, node: &str) -> Option<&'a Value> {
+    show["replica_set"]
+        .as_array()?
+        .iter()
+        .find(|r| r["node"].as_str() == Some(node))
+}
+
+/// `n` replicas, all in sync.
+fn all_in_sync(show: &Value, n: usize) -> bool {
+    show["replica_set"].as_array().is_some_and(|rs| {
+        rs.len() == n
+            && rs
+                .iter()
+                .all(|r| r["in_sync"].as_bool() == Some(true) && r["state"] == "in_sync")
+    })
+}
+
+/// Waits (bounded) until `f(show)` holds; `Err(last show)` on timeout.
+fn wait_show(
+    h: &mut Http,
+    vol: &str,
+    limit: Duration,
+    poll: Duration,
+    f: impl Fn(&Value) -> bool,
+) -> Result<Value, Value> {
+    let t = Instant::now();
+    loop {
+        let s = vol_show(h, vol);
+        if f(&s) {
+            return Ok(s);
+        }
+        if t.elapsed() > limit {
+            return Err(s);
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+/// One progress sample of the replica being resynced: seconds since the follow began, state,
+/// copied bytes, total bytes, the agent's current rate (bytes/s).
+type Sample = (f64, String, u64, u64, u64);
+
+/// One observed resync.
+struct ResyncRun {
+    phase: String,
+    node: String,
+    samples: Vec<Sample>,
+    /// When the replica was first seen in sync (s since the follow began).
+    done: Option<f64>,
+    size: u64,
+    cpu_ms: f64,
+    busy: f64,
+}
+
+impl ResyncRun {
+    /// The first sample with the replica resyncing: the copy's start as seen by the poll.
+    fn first(&self) -> Option<&Sample> {
+        self.samples.iter().find(|x| x.1 == "resyncing")
+    }
+    fn total(&self) -> u64 {
+        self.samples
+            .iter()
+            .map(|s| s.3)
+            .find(|t| *t > 0)
+            .unwrap_or(self.size)
+    }
+    /// From the first resyncing sample to the first in-sync one (includes the rejoin).
+    fn copy_secs(&self) -> f64 {
+        match (self.first(), self.done) {
+            (Some(f), Some(d)) => d - f.0,
+            _ => f64::NAN,
+        }
+    }
+    /// What was left at the first resyncing sample / the time to in sync: the rate an
+    /// operator gets.
+    fn e2e_mibs(&self) -> f64 {
+        let left = self.first().map_or(0, |f| self.total().saturating_sub(f.2));
+        left as f64 / MIB / self.copy_secs()
+    }
+    /// Copy rate between two times (s since the follow began) over the resyncing samples.
+    fn mibs_between(&self, a: f64, b: f64) -> f64 {
+        let s: Vec<_> = self
+            .samples
+            .iter()
+            .filter(|x| x.1 == "resyncing" && x.0 >= a && x.0 <= b)
+            .collect();
+        match (s.first(), s.last()) {
+            (Some(f), Some(l)) if l.0 > f.0 => l.2.saturating_sub(f.2) as f64 / MIB / (l.0 - f.0),
+            _ => f64::NAN,
+        }
+    }
+    /// Rate over the resyncing samples only (no connect, no rejoin).
+    fn steady_mibs(&self) -> f64 {
+        self.mibs_between(0.0, f64::MAX)
+    }
+    /// Median of the agent's own rate figure once its 3 s window is full.
+    fn agent_mibs(&self) -> f64 {
+        let Some(first) = self.first().map(|x| x.0) else {
+            return f64::NAN;
+        };
+        let v: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|x| x.1 == "resyncing" && x.0 >= first + 3.0)
+            .map(|x| x.4 as f64 / MIB)
+            .collect();
+        median(&v)
+    }
+}
+
+/// A fio run started by [`follow_resync`] when the copy began: its figures and its span
+/// (s since the follow began).
+struct LoadRun {
+    fio: FioOut,
+    start: f64,
+    end: f64,
+}
+
+/// Polls `vol` until `n` replicas are in sync (bounded by `limit`), sampling `node`'s resync
+/// progress; when the copy is first seen running, starts `load` (fio) on its own thread.
+#[allow(clippy::too_many_arguments)]
+fn follow_resync(
+    c: &Cluster,
+    h: &mut Http,
+    (vol, node, n): (&str, &str, usize),
+    limit: Duration,
+    phase: &str,
+    cfg: &Cfg,
+    cpu_pids: &[u32],
+    load: Option<&(dyn Fn() -> FioOut + Sync)>,
+) -> (ResyncRun, Option<LoadRun>) {
+    let begin = Instant::now();
+    let c0 = cpu_ms(cpu_pids);
+    let j0 = cpu_jiffies();
+    let mut run = ResyncRun {
+        phase: phase.to_owned(),
+        node: node.to_owned(),
+        samples: Vec::new(),
+        done: None,
+        size: size_bytes(&cfg.tp_size),
+        cpu_ms: 0.0,
+        busy: 0.0,
+    };
+    let mut last = Value::Null;
+    let loaded = std::thread::scope(|s| {
+        let mut handle = None;
+        while begin.elapsed() < limit {
+            let sh = vol_show(h, vol);
+            let t = begin.elapsed().as_secs_f64();
+            if let Some(r) = replica_entry(&sh, node) {
+                let p = &r["resync"];
+                let state = r["state"].as_str().unwrap_or("?").to_owned();
+                if state == "resyncing" && handle.is_none() {
+                    if let Some(f) = load {
+                        handle = Some(s.spawn(move || {
+                            let start = begin.elapsed().as_secs_f64();
+                            let fio = f();
+                            LoadRun {
+                                fio,
+                                start,
+                                end: begin.elapsed().as_secs_f64(),
+                            }
+                        }));
+                    }
+                }
+                run.samples.push((
+                    t,
+                    state,
+                    p["copied_bytes"].as_u64().unwrap_or(0),
+                    p["total_bytes"].as_u64().unwrap_or(0),
+                    p["rate_bytes_per_s"].as_u64().unwrap_or(0),
+                ));
+            }
+            if all_in_sync(&sh, n) {
+                run.done = Some(begin.elapsed().as_secs_f64());
+                break;
+            }
+            last = sh;
+            std::thread::sleep(cfg.poll);
+        }
+        run.cpu_ms = cpu_ms(cpu_pids) - c0;
+        run.busy = busy_pct(j0, cpu_jiffies());
+        handle.map(|h| h.join().expect("fio thread"))
+    });
+    if run.done.is_none() {
+        panic!(
+            "{phase}: {n} replicas not in sync {limit:?} after the copy was due: {last}\n--- n1 log tail ---\n{}",
+            testkit::agent::tail(&c.agent("n1").log(), 40)
+        );
+    }
+    note!(
+        "{phase}: {} MiB to {node}; copy seen running for {:.2} s: {:.0} MiB/s end to end, {:.0} MiB/s while copying; agents' CPU {:.0} ms; machine busy {:.0} %",
+        run.total() >> 20,
+        run.copy_secs(),
+        run.e2e_mibs(),
+        run.steady_mibs(),
+        run.cpu_ms,
+        run.busy
+    );
+    (run, loaded)
+}
+
+fn agent_pid(c: &Cluster, n: &str) -> u32 {
+    c.agent(n)
+        .pid()
+        .unwrap_or_else(|| panic!("agent {n} not running"))
+}
+
+/// An outage of n2 that leaves every region of `vol` to resync: kill -9 n2's agent, rewrite
+/// the whole volume through n1 (the attachment drops n2 and tracks every region), set the
+/// resync rate (`None`: leave the volume's setting), restart n2. The copy starts when the
+/// attachment reconnects (within its 1 s retry).
+fn outage(
+    c: &mut Cluster,
+    h: &mut Http,
+    vol: &str,
+    uri_args: &[String],
+    rate: Option<&str>,
+    cfg: &Cfg,
+    phase: &str,
+) {
+    wait_show(h, vol, Duration::from_secs(60), cfg.poll, |s| {
+        all_in_sync(s, 2)
+    })
+    .unwrap_or_else(|s| panic!("{phase}: r2 not 2 replicas in sync before the outage: {s}"));
+    c.agent_mut("n2").kill9();
+    let t = Instant::now();
+    fio_on(
+        &c.lab,
+        Some("n1"),
+        uri_args,
+        "--rw=write --bs=1M --iodepth=8 --end_fsync=1",
+        &cfg.tp_size,
+        None,
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{phase}: rewrite while n2 is down: {e}"));
+    let s = wait_show(h, vol, Duration::from_secs(30), cfg.poll, |s| {
+        replica_entry(s, "n2").is_some_and(|r| r["in_sync"] == false)
+    })
+    .unwrap_or_else(|s| panic!("{phase}: n2 still in sync after kill -9 and a rewrite: {s}"));
+    note!(
+        "{phase}: n2 killed, {} rewritten in {:.1} s; n2 is {}",
+        cfg.tp_size,
+        t.elapsed().as_secs_f64(),
+        replica_entry(&s, "n2").map_or(Value::Null, |r| r["state"].clone())
+    );
+    if let Some(r) = rate {
+        api_ok(
+            h,
+            "PATCH",
+            &format!("/v1/volumes/{vol}"),
+            Some(json!({ "resync_rate": r })),
+        );
+    }
+    unsafe { libc::sync() };
+    c.agent_mut("n2").restart();
+}
+
+#[allow(clippy::too_many_lines)]
+fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)> {
+    let mut api = Http::new(c.agent("n1").api_addr());
+    let nbd_uri = |vol: &str| {
+        format!(
+            "nbd://{}/{vol}",
+            SocketAddr::from((c.lab.addr("n1"), testkit::cluster::agent::NBD_PORT))
+        )
+    };
+    let size = cfg.tp_size.clone();
+    let mut verdicts = Vec::new();
+    // The tp part's volumes are done with: drop them so their files and dirty pages do not
+    // weigh on these runs.
+    for v in ["tplocal", "tpremote"] {
+        let _ = api.call("DELETE", &format!("/v1/volumes/{v}?force=true"), None);
+    }
+    // volumes: r1 = one replica on n1, r2 = replicas on n1 and n2; both attached on n1
+    for (vol, nodes) in [("r1", vec!["n1"]), ("r2", vec!["n1", "n2"])] {
+        api_ok(
+            &mut api,
+            "POST",
+            "/v1/volumes",
+            Some(json!({"name": vol, "size": size, "replicas": nodes.len(), "nodes": nodes})),
+        );
+        api_ok(
+            &mut api,
+            "POST",
+            &format!("/v1/volumes/{vol}/attach"),
+            Some(json!({})),
+        );
+    }
+    let s = wait_show(&mut api, "r2", Duration::from_secs(60), cfg.poll, |s| {
+        all_in_sync(s, 2)
+    })
+    .unwrap_or_else(|s| panic!("r2: not 2 replicas in sync 60 s after attach: {s}"));
+    if !s["resync_rate_bytes_per_s"].is_null() {
+        note!(
+            "r2 has a resync rate set ({}), not the default",
+            s["resync_rate_bytes_per_s"]
+        );
+    }
+    // the raw file, on the file system of the agents' data
+    let scratch = c.agent("n1").scratch_dir();
+    let data_dir = c.agent("n1").data_dir();
+    let raw = scratch.join("raw.img");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let d1 = std::fs::metadata(&scratch).map(|m| m.dev()).ok();
+        let d2 = std::fs::metadata(&data_dir).map(|m| m.dev()).ok();
+        assert_eq!(
+            d1,
+            d2,
+            "raw file dir {} and agent data {} on different file systems",
+            scratch.display(),
+            data_dir.display()
+        );
+    }
+    let probe = |engine: &str| {
+        fio_on(
+            &c.lab,
+            None,
+            &[
+                format!("--ioengine={engine}"),
+                "--direct=1".into(),
+                format!("--filename={}", raw.display()),
+            ],
+            "--rw=write --bs=4k --iodepth=1",
+            "1M",
+            None,
+            &[],
+        )
+        .is_ok()
+    };
+    let engine = if probe("io_uring") {
+        "io_uring"
+    } else {
+        "libaio"
+    };
+    let raw_args = vec![
+        format!("--ioengine={engine}"),
+        "--direct=1".to_owned(),
+        format!("--filename={}", raw.display()),
+    ];
+    // prefill everything (reads and overwrites hit written blocks, as in nbd-bench.sh)
+    let mut targets = vec![Target {
+        name: "raw",
+        args: raw_args.clone(),
+        ns: None,
+        env: vec![],
+        pids: vec![],
+    }];
+    let t = Instant::now();
+    fio_on(
+        &c.lab,
+        None,
+        &raw_args,
+        "--rw=write --bs=1M --iodepth=8 --end_fsync=1",
+        &size,
+        None,
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("prefill raw: {e}"));
+    note!(
+        "prefilled raw file {} ({size}, fio {engine} O_DIRECT) in {:.1} s",
+        raw.display(),
+        t.elapsed().as_secs_f64()
+    );
+    // qemu-nbd serving the raw file inside n1, on n1's address: the volumes' path
+    let qemu_pid = if have_tool("qemu-nbd") {
+        let aio = {
+            let mut q = Command::new("qemu-io");
+            q.args([
+                "-f",
+                "raw",
+                "-t",
+                "none",
+                "-i",
+                "io_uring",
+                "-c",
+                "read 0 4k",
+            ])
+            .arg(&raw);
+            match run_with_timeout(&mut q, Duration::from_secs(20)) {
+                Ok(o) if o.status.success() => "io_uring",
+                _ => "native",
+            }
+        };
+        let addr = SocketAddr::from((c.lab.addr("n1"), 10810));
+        let mut q = Command::new("qemu-nbd");
+        q.args([
+            "-f",
+            "raw",
+            "--cache=none",
+            &format!("--aio={aio}"),
+            "-t",
+            "-e",
+            "8",
+            "-b",
+            &addr.ip().to_string(),
+            "-p",
+            "10810",
+        ])
+        .arg(&raw)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        let qp = c.lab.spawn_in("n1", q, "qemu-nbd");
+        let up = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            c.lab
+                .tcp_connect(Some("n1"), addr, Duration::from_secs(1))
+                .is_ok()
+        });
+        assert!(up, "qemu-nbd did not listen on {addr} within 10 s");
+        rep.line(format!(
+            "qemu-nbd -f raw --cache=none --aio={aio} -t -e 8 -b {} -p 10810 {} (in n1's namespace; the raw file)",
+            addr.ip(),
+            raw.display()
+        ));
+        targets.push(Target {
+            name: "qemu-nbd",
+            args: vec!["--ioengine=nbd".into(), format!("--uri=nbd://{addr}/")],
+            ns: Some("n1"),
+            env: vec![],
+            pids: vec![qp],
+        });
+        Some(qp)
+    } else {
+        rep.line("qemu-nbd: not installed (apt-get install -y qemu-utils); no qemu-nbd column");
+        None
+    };
+    for (vol, name, pids) in [
+        ("r1", "1 replica", vec![agent_pid(c, "n1")]),
+        (
+            "r2",
+            "2 replicas",
+            vec![agent_pid(c, "n1"), agent_pid(c, "n2")],
+        ),
+    ] {
+        let t = Instant::now();
+        let args = vec![
+            "--ioengine=nbd".to_owned(),
+            format!("--uri={}", nbd_uri(vol)),
+        ];
+        fio_on(
+            &c.lab,
+            Some("n1"),
+            &args,
+            "--rw=write --bs=1M --iodepth=8 --end_fsync=1",
+            &size,
+            None,
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("prefill {vol}: {e}"));
+        note!(
+            "prefilled {vol} ({size}) in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        targets.push(Target {
+            name,
+            args,
+            ns: Some("n1"),
+            env: vec![],
+            pids,
+        });
+    }
+    let ceph = ceph_start(cfg, rep);
+    if let Some((_, t)) = &ceph {
+        let w = Instant::now();
+        match fio_on(
+            &c.lab,
+            t.ns,
+            &t.args,
+            "--rw=write --bs=4M --iodepth=8",
+            &size,
+            None,
+            &t.env,
+        ) {
+            Ok(_) => {
+                note!(
+                    "prefilled ceph rbd/bench ({size}) in {:.1} s",
+                    w.elapsed().as_secs_f64()
+                );
+            }
+            Err(e) => rep.line(format!("ceph: prefill failed: {e}")),
+        }
+    }
+    let ceph_target = ceph.as_ref().map(|(_, t)| Target {
+        name: t.name,
+        args: t.args.clone(),
+        ns: t.ns,
+        env: t.env.clone(),
+        pids: t.pids.clone(),
+    });
+    targets.extend(ceph_target);
+    // iperf3 server in n2 for the raw link, as the tp part does
+    let iperf_pid = have_tool("iperf3").then(|| {
+        let mut s = Command::new("iperf3");
+        s.args(["-s", "-p", "5201", "-B", &c.lab.addr("n2").to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let p = c.lab.spawn_in("n2", s, "iperf3 server");
+        std::thread::sleep(Duration::from_millis(500));
+        p
+    });
+
+    // ---- throughput and latency, every target per job, target order rotated per rep
+    let names: Vec<&str> = targets.iter().map(|t| t.name).collect();
+    let mut rows = Vec::new();
+    let mut vals: BTreeMap<(String, String), Vec<FioOut>> = BTreeMap::new();
+    let mut cpu: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let mut durab: BTreeMap<(String, String), Vec<(f64, f64)>> = BTreeMap::new();
+    let mut link = Vec::new();
+    for r in 0..cfg.tp_reps {
+        let (mibs, tool) = tcp_throughput(&c.lab, "n1", "n2", cfg.iperf_secs, &cfg.out, 100 + r);
+        link.push(mibs);
+        rows.push(format!(
+            "{r}\tlink_n1_to_n2\t{tool}\t{mibs:.1}\t\t\t\t\t\t\t\t{}",
+            load1()
+        ));
+        note!("repl rep {r}: raw TCP n1->n2 {mibs:.0} MiB/s ({tool})");
+        for (job, args) in REPL_JOBS {
+            for k in 0..targets.len() {
+                let tg = &targets[(k + r) % targets.len()];
+                unsafe { libc::sync() };
+                let c0 = cpu_ms(&tg.pids);
+                let j0 = cpu_jiffies();
+                let perf = (cfg.perf && r == 0 && tg.name == "2 replicas")
+                    .then(|| perf_start(&tg.pids, &cfg.out.join(format!("perf-repl-{job}.data"))))
+                    .flatten();
+                let sc = syscalls_start(cfg, &tg.pids, &cfg.out.join("syscalls.tmp"));
+                let f = fio_on(
+                    &c.lab,
+                    tg.ns,
+                    &tg.args,
+                    args,
+                    &size,
+                    Some((cfg.fio_runtime, cfg.fio_ramp)),
+                    &tg.env,
+                );
+                let sc = syscalls_stop(sc);
+                perf_stop(perf);
+                let f = match f {
+                    Ok(f) => f,
+                    Err(e) if tg.name == "ceph-rbd" => {
+                        note!("ceph: {e}");
+                        continue;
+                    }
+                    Err(e) => panic!("{e}"),
+                };
+                let busy = busy_pct(j0, cpu_jiffies());
+                // server CPU per IO (includes the ramp, which fio's IO count does not)
+                let us_io = (cpu_ms(&tg.pids) - c0) * 1000.0 / f.ios.max(1.0);
+                // durability syscalls per IO (also over the ramp: overstated like the CPU)
+                let (syncs, renames) = sc.map_or((f64::NAN, f64::NAN), |(a, b)| {
+                    (a / f.ios.max(1.0), b / f.ios.max(1.0))
+                });
+                rows.push(format!(
+                    "{r}\t{job}\t{}\t{:.1}\t{:.0}\t{:.0}\t{:.0}\t{:.1}\t{syncs:.3}\t{renames:.3}\t{busy:.0}\t{}",
+                    tg.name,
+                    f.mibs,
+                    f.iops,
+                    f.p50_us,
+                    f.p99_us,
+                    us_io,
+                    load1()
+                ));
+                durab
+                    .entry((job.to_owned(), tg.name.to_owned()))
+                    .or_default()
+                    .push((syncs, renames));
+                note!(
+                    "repl rep {r}: {job} {}: {:.0} MiB/s {:.0} IOPS p50 {:.0} us p99 {:.0} us",
+                    tg.name,
+                    f.mibs,
+                    f.iops,
+                    f.p50_us,
+                    f.p99_us
+                );
+                let key = (job.to_owned(), tg.name.to_owned());
+                vals.entry(key.clone()).or_default().push(f);
+                cpu.entry(key).or_default().push(us_io);
+            }
+        }
+    }
+    if let Some(p) = iperf_pid {
+        c.lab.kill(p);
+    }
+    if let Some(p) = qemu_pid {
+        c.lab.kill(p);
+    }
+    drop(targets);
+    drop(ceph); // teardown.sh
+    let _ = std::fs::remove_file(&raw);
+    let _ = api.call("DELETE", "/v1/volumes/r1?force=true", None);
+    rep.tsv(
+        "repl-throughput.tsv",
+        "rep\tjob\ttarget\tMiB_s\tIOPS\tlat_p50_us\tlat_p99_us\tserver_cpu_us_per_io\tserver_syncs_per_io\tserver_renames_per_io\tmachine_busy_pct\tload1",
+        &rows,
+    );
+    rep.line(format!(
+        "{:<18} {:<11} {:>24} {:>8} {:>8} {:>9} {:>18} {:>18} {:>18}",
+        "job",
+        "target",
+        "median [min..max]",
+        "p50_us",
+        "p99_us",
+        "srv_us/io",
+        "x raw",
+        "x qemu-nbd",
+        "x min(raw,link)"
+    ));
+    rep.line(format!(
+        "{:<18} {:<11} {:>24}   (iperf3 or TCP blast, one stream n1 -> n2, the path of the peer protocol)",
+        "raw_tcp_link",
+        "",
+        format!("{:.0} [{:.0}..{:.0}] MiB/s", median(&link), min(&link), max(&link))
+    ));
+    let ratio = |a: &[f64], b: &[f64]| -> String {
+        if a.len() != b.len() || a.is_empty() {
+            return "-".into();
+        }
+        let v: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        format!("{:.2} [{:.2}..{:.2}]", median(&v), min(&v), max(&v))
+    };
+    let series = |job: &str, t: &str, f: &dyn Fn(&FioOut) -> f64| -> Vec<f64> {
+        vals.get(&(job.to_owned(), t.to_owned()))
+            .map(|v| v.iter().map(f).collect())
+            .unwrap_or_default()
+    };
+    for (job, _) in REPL_JOBS {
+        let qd1 = job == "randwrite_4k_qd1";
+        // QD1 4 KiB: compare p50 latency (lower is better); others the headline figure
+        let fig = |f: &FioOut| if qd1 { f.p50_us } else { headline(job, f) };
+        let raw_v = series(job, "raw", &fig);
+        let q_v = series(job, "qemu-nbd", &fig);
+        for t in &names {
+            let v = series(job, t, &|f| headline(job, f));
+            if v.is_empty() {
+                continue;
+            }
+            let mine = series(job, t, &fig);
+            let p50 = median(&series(job, t, &|f| f.p50_us));
+            let p99 = median(&series(job, t, &|f| f.p99_us));
+            let bound = if job.starts_with("seq") {
+                let m: Vec<f64> = raw_v.iter().zip(&link).map(|(a, b)| a.min(*b)).collect();
+                ratio(&v, &m)
+            } else {
+                "-".into()
+            };
+            rep.line(format!(
+                "{:<18} {:<11} {:>24} {:>8.0} {:>8.0} {:>9.1} {:>18} {:>18} {:>18}",
+                job,
+                t,
+                format!(
+                    "{:.0} [{:.0}..{:.0}] {}",
+                    median(&v),
+                    min(&v),
+                    max(&v),
+                    unit(job)
+                ),
+                p50,
+                p99,
+                median(&cpu[&(job.to_owned(), (*t).to_owned())]),
+                if *t == "raw" {
+                    "-".into()
+                } else {
+                    ratio(&mine, &raw_v)
+                },
+                if *t == "qemu-nbd" {
+                    "-".into()
+                } else {
+                    ratio(&mine, &q_v)
+                },
+                bound
+            ));
+        }
+    }
+    rep.line("x raw / x qemu-nbd / x min(raw,link): per rep, target / that figure in the same rep, median [min..max] over reps; randwrite_4k_qd1 ratios are of p50 latency (lower is better)");
+    if cfg.syscount {
+        for (job, _) in REPL_JOBS {
+            let mut parts = Vec::new();
+            for t in &names {
+                if let Some(v) = durab.get(&(job.to_owned(), (*t).to_owned())) {
+                    let a = median(&v.iter().map(|x| x.0).collect::<Vec<_>>());
+                    let b = median(&v.iter().map(|x| x.1).collect::<Vec<_>>());
+                    if !a.is_nan() {
+                        parts.push(format!("{t} {a:.2} / {b:.2}"));
+                    }
+                }
+            }
+            if !parts.is_empty() {
+                rep.line(format!(
+                    "{job:<18} server fsync+fdatasync / renames per fio IO: {}",
+                    parts.join("; ")
+                ));
+            }
+        }
+    }
+    rep.line("p50/p99: fio total latency (submit to completion); srv_us/io: CPU of the serving processes per fio IO (2 replicas: both agents; 1 replica: n1; ceph: its daemons); raw: fio O_DIRECT on a file on the agents' file system; fio runs in n1's namespace for the NBD targets");
+    let two = series("seqwrite_1M_qd8", "2 replicas", &|f| f.mibs);
+    let raw_seq = series("seqwrite_1M_qd8", "raw", &|f| f.mibs);
+    let per_rep: Vec<f64> = two
+        .iter()
+        .zip(raw_seq.iter().zip(&link))
+        .map(|(x, (d, l))| x / d.min(*l))
+        .collect();
+    let frac = median(&per_rep);
+    verdicts.push((
+        format!("2 sync replicas, 1 MiB seq write QD8 / min(raw disk, raw TCP) = {frac:.2} >= 0.80 (median of {} reps)", per_rep.len()),
+        frac >= 0.80,
+    ));
+
+    // ---- resync of r2 (replicas n1 + n2, attached on n1): an outage of n2 during which the
+    // whole volume is rewritten, so every region is to be copied from n1 when n2 returns.
+    rep.line(String::new());
+    rep.line(format!(
+        "-- resync of r2 ({size}): kill -9 n2's agent, rewrite all of r2 through n1, restart n2: every region is copied n1 -> n2 over the peer protocol; `volume show` polled every {} ms",
+        cfg.poll.as_millis()
+    ));
+    let r2 = vec![
+        "--ioengine=nbd".to_owned(),
+        format!("--uri={}", nbd_uri("r2")),
+    ];
+    let mut runs: Vec<ResyncRun> = Vec::new();
+    let mut fio_rows = Vec::new();
+    let disk_link = median(&raw_seq).min(median(&link));
+    let dflt = cfg.default_resync_rate as f64 / MIB;
+    let limit_at = |rate: u64| {
+        let size = size_bytes(&cfg.tp_size);
+        match rate {
+            0 => Duration::from_secs(300 + size / (20 << 20)),
+            r => Duration::from_secs(120 + 4 * size / r),
+        }
+    };
+    // 1. the default rate (r2 has none set) against fio: each job alone (2 replicas in sync),
+    //    then again from the moment a full resync is seen running
+    for job in &cfg.resync_jobs {
+        let args = job_args(job);
+        unsafe { libc::sync() };
+        let alone = fio_on(
+            &c.lab,
+            Some("n1"),
+            &r2,
+            args,
+            &size,
+            Some((cfg.fio_runtime, cfg.fio_ramp)),
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let phase = format!("default rate + {job}");
+        outage(c, &mut api, "r2", &r2, None, cfg, &phase);
+        let pids = [agent_pid(c, "n1"), agent_pid(c, "n2")];
+        let lab = Arc::clone(&c.lab);
+        let load = || {
+            fio_on(
+                &lab,
+                Some("n1"),
+                &r2,
+                args,
+                &size,
+                Some((cfg.fio_runtime, cfg.fio_ramp)),
+                &[],
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let perf = cfg
+            .perf
+            .then(|| {
+                perf_start(
+                    &pids,
+                    &cfg.out.join(format!("perf-resync-default-{job}.data")),
+                )
+            })
+            .flatten();
+        let (run, with) = follow_resync(
+            c,
+            &mut api,
+            ("r2", "n2", 2),
+            limit_at(cfg.default_resync_rate),
+            &phase,
+            cfg,
+            &pids,
+            Some(&load),
+        );
+        perf_stop(perf);
+        let Some(with) = with else {
+            rep.line(format!(
+                "default resync + fio {job}: the copy finished before fio could start (no resyncing sample); no figure"
+            ));
+            runs.push(run);
+            continue;
+        };
+        // the part of fio's measured window (after its ramp) that the copy overlapped
+        let ws = with.start + f64::from(cfg.fio_ramp);
+        let we = with.end;
+        let done = run.done.unwrap_or(f64::NAN);
+        let overlap = ((done.min(we) - ws) / (we - ws)).clamp(0.0, 1.0);
+        let during = run.mibs_between(ws, we.min(done));
+        let keep = headline(job, &with.fio) / headline(job, &alone);
+        fio_rows.push(format!(
+            "{job}\t{:.1}\t{:.0}\t{:.0}\t{:.1}\t{:.0}\t{:.0}\t{keep:.3}\t{overlap:.2}\t{during:.1}\t{:.1}",
+            headline(job, &alone),
+            alone.p50_us,
+            alone.p99_us,
+            headline(job, &with.fio),
+            with.fio.p50_us,
+            with.fio.p99_us,
+            run.e2e_mibs()
+        ));
+        rep.line(format!(
+            "default resync ({dflt:.0} MiB/s) + fio {job}: alone {:.0} {u} (p50 {:.0} / p99 {:.0} us); during the copy {:.0} {u} (p50 {:.0} / p99 {:.0} us) = {keep:.2} x; the copy ran at {during:.0} MiB/s while fio did ({:.2} x default), {:.0} MiB/s end to end, and covered {:.0} % of fio's measured window",
+            headline(job, &alone),
+            alone.p50_us,
+            alone.p99_us,
+            headline(job, &with.fio),
+            with.fio.p50_us,
+            with.fio.p99_us,
+            during / dflt,
+            run.e2e_mibs(),
+            overlap * 100.0,
+            u = unit(job),
+        ));
+        runs.push(run);
+        let what = format!(
+            "default resync rate does not starve the VM: fio {job} keeps {keep:.2} x its throughput alone (bound >= {:.2})",
+            cfg.resync_keep
+        );
+        if overlap >= 0.8 {
+            verdicts.push((what, keep >= cfg.resync_keep));
+        } else {
+            rep.line(format!(
+                "  (no verdict: the copy overlapped only {:.0} % of fio's window; use a larger TP_SIZE)",
+                overlap * 100.0
+            ));
+        }
+    }
+    // 2. unthrottled (`volume set --resync-rate 0`), no other I/O
+    outage(c, &mut api, "r2", &r2, Some("0"), cfg, "unthrottled");
+    let pids = [agent_pid(c, "n1"), agent_pid(c, "n2")];
+    let perf = cfg
+        .perf
+        .then(|| perf_start(&pids, &cfg.out.join("perf-resync-unthrottled.data")))
+        .flatten();
+    let (run, _) = follow_resync(
+        c,
+        &mut api,
+        ("r2", "n2", 2),
+        limit_at(0),
+        "unthrottled (set 0)",
+        cfg,
+        &pids,
+        None,
+    );
+    perf_stop(perf);
+    let unthrottled = (run.steady_mibs(), run.e2e_mibs());
+    runs.push(run);
+    // 3. throttled at RESYNC_RATE
+    let set_bytes = size_bytes(&cfg.resync_rate);
+    let set = set_bytes as f64 / MIB;
+    let phase = format!("throttled (set {})", cfg.resync_rate);
+    outage(c, &mut api, "r2", &r2, Some(&cfg.resync_rate), cfg, &phase);
+    let pids = [agent_pid(c, "n1"), agent_pid(c, "n2")];
+    let (run, _) = follow_resync(
+        c,
+        &mut api,
+        ("r2", "n2", 2),
+        limit_at(set_bytes),
+        &phase,
+        cfg,
+        &pids,
+        None,
+    );
+    let throttled = (run.steady_mibs(), run.e2e_mibs());
+    runs.push(run);
+    // 4. for reference: the other way to a full copy, `volume add-replica` of a third
+    //    replica on n3 (unthrottled; only allocated regions are written)
+    let pids = [agent_pid(c, "n1"), agent_pid(c, "n3")];
+    unsafe { libc::sync() };
+    api_ok(
+        &mut api,
+        "POST",
+        "/v1/volumes/r2/replicas",
+        Some(json!({"node": "n3", "resync_rate": "0"})),
+    );
+    let (run, _) = follow_resync(
+        c,
+        &mut api,
+        ("r2", "n3", 3),
+        limit_at(0),
+        "add-replica n3 (set 0)",
+        cfg,
+        &pids,
+        None,
+    );
+    runs.push(run);
+
+    rep.line(format!(
+        "{:<34} {:>7} {:>8} {:>10} {:>11} {:>12} {:>11} {:>7}",
+        "resync", "MiB", "secs", "e2e MiB/s", "copy MiB/s", "agent MiB/s", "cpu ms/GiB", "busy %"
+    ));
+    let mut rs_rows = Vec::new();
+    let mut sample_rows = Vec::new();
+    for r in &runs {
+        let gib = r.total() as f64 / (1u64 << 30) as f64;
+        rep.line(format!(
+            "{:<34} {:>7} {:>8.2} {:>10.0} {:>11.0} {:>12.0} {:>11.0} {:>7.0}",
+            r.phase,
+            r.total() >> 20,
+            r.copy_secs(),
+            r.e2e_mibs(),
+            r.steady_mibs(),
+            r.agent_mibs(),
+            r.cpu_ms / gib,
+            r.busy
+        ));
+        rs_rows.push(format!(
+            "{}\t{}\t{}\t{:.3}\t{:.3}\t{:.1}\t{:.1}\t{:.1}\t{:.0}\t{:.0}",
+            r.phase,
+            r.node,
+            r.total(),
+            r.first().map_or(f64::NAN, |f| f.0),
+            r.copy_secs(),
+            r.e2e_mibs(),
+            r.steady_mibs(),
+            r.agent_mibs(),
+            r.cpu_ms,
+            r.busy
+        ));
+        for s in &r.samples {
+            sample_rows.push(format!(
+                "{}\t{}\t{:.3}\t{}\t{}\t{}\t{}",
+                r.phase, r.node, s.0, s.1, s.2, s.3, s.4
+            ));
+        }
+    }
+    rep.line("secs / e2e: from the first sample showing the copy running to the first showing the replica in sync (includes the rejoin transaction), bytes left at that first sample / secs; copy: copied bytes between the first and last resyncing samples / their time apart (the rate the setting governs; the verdicts use it); agent: median of the agent's own 3 s rate figure; cpu: both agents (n1 reads and sends, the target writes) per GiB, machine busy over the follow (includes fio in the default-rate rows)");
+    rep.tsv(
+        "resync.tsv",
+        "phase\ttarget_node\tbytes\tfirst_resyncing_s\tcopy_s\te2e_MiB_s\tcopy_MiB_s\tagent_rate_MiB_s\tagents_cpu_ms\tmachine_busy_pct",
+        &rs_rows,
+    );
+    rep.tsv(
+        "resync-samples.tsv",
+        "phase\ttarget_node\tt_s\tstate\tcopied_bytes\ttotal_bytes\tagent_rate_bytes_per_s",
+        &sample_rows,
+    );
+    rep.tsv(
+        "resync-fio.tsv",
+        "job\talone\talone_p50_us\talone_p99_us\twith_resync\twith_p50_us\twith_p99_us\tkeep\toverlap\tcopy_MiB_s_during_fio\tcopy_MiB_s_e2e",
+        &fio_rows,
+    );
+    // leave the cluster as the next part expects it (takeover kills and restarts n1)
+    let _ = api.call("DELETE", "/v1/volumes/r2?force=true", None);
+    // The verdicts use the copy rate (the resyncing samples: what the rate setting governs);
+    // the end-to-end figure adds the fixed cost of the rejoin transaction and is shown too.
+    let f = unthrottled.0 / disk_link;
+    verdicts.push((
+        format!(
+            "resync unthrottled: copy {:.0} MiB/s / min(raw disk {:.0}, raw TCP {:.0}) = {f:.2} >= 0.90 (end to end incl. rejoin: {:.0} MiB/s = {:.2})",
+            unthrottled.0,
+            median(&raw_seq),
+            median(&link),
+            unthrottled.1,
+            unthrottled.1 / disk_link
+        ),
+        f >= 0.90,
+    ));
+    let f = throttled.0 / set;
+    verdicts.push((
+        format!(
+            "resync throttled at {}: copy {:.1} MiB/s = {f:.3} x the set rate, within 10 % (end to end incl. rejoin: {:.1} MiB/s = {:.3} x)",
+            cfg.resync_rate,
+            throttled.0,
+            throttled.1,
+            throttled.1 / set
+        ),
+        (f - 1.0).abs() <= 0.10,
+    ));
+    verdicts
+}
+
+// ---------------------------------------------------------------------------------------
 // takeover
 
 fn takeover(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)> {
@@ -1538,7 +2963,7 @@ fn main() {
     };
     let t0 = Instant::now();
     rep.line(format!(
-        "== blockwarden C2 cluster benchmarks, {} (loadavg at start {}; nproc {})",
+        "== blockwarden C2/C3 cluster benchmarks, {} (loadavg at start {}; nproc {})",
         now_utc(),
         loadavg(),
         std::thread::available_parallelism()
@@ -1559,6 +2984,16 @@ fn main() {
         cfg.tp_size,
         cfg.seed
     ));
+    if cfg.part("repl") {
+        rep.line(format!(
+            "repl: RESYNC_RATE {} RESYNC_KEEP {} RESYNC_JOBS {} DEFAULT_RESYNC_RATE {} MiB/s CEPH {}",
+            cfg.resync_rate,
+            cfg.resync_keep,
+            cfg.resync_jobs.join(","),
+            cfg.default_resync_rate >> 20,
+            u8::from(cfg.ceph)
+        ));
+    }
     let mut verdicts: Vec<(String, bool)> = Vec::new();
 
     if cfg.part("embedded") {
@@ -1584,7 +3019,8 @@ fn main() {
         rep.line(format!("load at end of part: {}", loadavg()));
     }
 
-    let cluster_parts = cfg.part("cp") || cfg.part("tp") || cfg.part("takeover");
+    let cluster_parts =
+        cfg.part("cp") || cfg.part("tp") || cfg.part("repl") || cfg.part("takeover");
     if cluster_parts {
         if !lab_available() || !require_etcd() {
             eprintln!("cluster-bench: needs root, ip, nft and etcd");
@@ -1629,6 +3065,15 @@ fn main() {
                 loadavg()
             ));
             throughput(&c, &cfg, &mut rep);
+            rep.line(format!("load at end of part: {}", loadavg()));
+        }
+        if cfg.part("repl") {
+            rep.line(String::new());
+            rep.line(format!(
+                "== synchronous replication: fio in n1's namespace -> n1's NBD (1 replica on n1; 2 replicas n1 + n2, peer protocol over veth) vs qemu-nbd in n1 and the raw file; then resync; load {}",
+                loadavg()
+            ));
+            verdicts.extend(replication(&mut c, &cfg, &mut rep));
             rep.line(format!("load at end of part: {}", loadavg()));
         }
         if cfg.part("takeover") {
