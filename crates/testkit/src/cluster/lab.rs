@@ -537,3 +537,391 @@ impl Drop for Lab {
 pub fn require_etcd() -> bool {
     have_tool("etcd") || require_tool("etcd")
 }
+
+/// Where the delay line's source lives in a checkout: `shared/` beside the repository.
+pub fn delayline_source() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench/tools/delayline.c")
+}
+
+/// Whether [`Lab::slow_link`] can run here: a lab, `cc`, the delay line's source
+/// ([`delayline_source`]) and `/dev/net/tun`. Prints a loud skip (or panics under `CI`) and
+/// returns false when not.
+#[track_caller]
+pub fn slow_link_available() -> bool {
+    if !lab_available() || !require_tool("cc") {
+        return false;
+    }
+    let missing = if !delayline_source().exists() {
+        format!(
+            "the delay line's source {} is missing (shared/ must sit beside the repository)",
+            delayline_source().display()
+        )
+    } else if !Path::new("/dev/net/tun").exists() {
+        "/dev/net/tun is missing (no TUN support)".to_owned()
+    } else {
+        return true;
+    };
+    let at = std::panic::Location::caller();
+    if crate::cmd::in_ci() {
+        panic!(
+            "\n\n########## NOT RUNNABLE IN CI ##########\n{missing}\n(at {at}; CI must run every \
+             test)\n########################################\n"
+        );
+    }
+    eprintln!(
+        "\n########## SKIPPED ({missing}) at {at} ##########\n\
+         ########## this test did NOT run; CI would fail here ##########\n"
+    );
+    false
+}
+
+/// Longest wait for the delay line's "ready" line, and for it to exit after SIGTERM.
+const DELAYLINE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Packets the delay line queues per direction before it tail-drops (netem's default limit).
+const DELAYLINE_LIMIT_PKTS: u32 = 1000;
+
+/// One direction of a [`SlowLink`]: what the delay line delivered ([`SlowLink::remove`]), or
+/// what the kernel handed to it ([`SlowLink::offered`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LineCounters {
+    /// Packets (GSO super-packets count once).
+    pub fwd: u64,
+    /// Packets dropped (delivered: queue full or write error; offered: the TUN device's
+    /// transmit drops).
+    pub drops: u64,
+    /// Bytes (IP packets, without the virtio header).
+    pub bytes: u64,
+}
+
+/// What went through a [`SlowLink`] in each direction, from the counters the delay line
+/// prints when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    pub a_to_b: LineCounters,
+    pub b_to_a: LineCounters,
+}
+
+impl LinkCounters {
+    /// Parses `delayline: A->B fwd=.. drops=.. bytes=.. | B->A fwd=.. drops=.. bytes=..`.
+    fn parse(log: &str) -> Option<LinkCounters> {
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("delayline: A->B"))?;
+        let (ab, ba) = line.split_once('|')?;
+        let side = |s: &str| -> Option<LineCounters> {
+            let field = |k: &str| -> Option<u64> {
+                s.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+            };
+            Some(LineCounters {
+                fwd: field("fwd")?,
+                drops: field("drops")?,
+                bytes: field("bytes")?,
+            })
+        };
+        Some(LinkCounters {
+            a_to_b: side(ab)?,
+            b_to_a: side(ba)?,
+        })
+    }
+}
+
+/// A slowed link between two namespaces of a [`Lab`] (see [`Lab::slow_link`]). Dropping it
+/// (or [`SlowLink::remove`]) removes the routes through the line and stops it, so traffic
+/// goes straight over the bridge again.
+#[must_use = "the link is restored when the guard drops"]
+pub struct SlowLink<'a> {
+    lab: &'a Lab,
+    pid: Option<u32>,
+    /// (netns kernel name, TUN device, destination) of every host route added.
+    routes: Vec<(String, String, Ipv4Addr)>,
+    /// (netns kernel name, TUN device) at `a`'s end and at `b`'s end.
+    ends: [(String, String); 2],
+    log: PathBuf,
+    what: String,
+}
+
+impl std::fmt::Debug for SlowLink<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlowLink")
+            .field("what", &self.what)
+            .field("pid", &self.pid)
+            .field("routes", &self.routes)
+            .finish()
+    }
+}
+
+impl SlowLink<'_> {
+    /// The delay line's pid (a process the lab tracks).
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// What the kernels handed to the line so far, read from the TUN devices' transmit
+    /// counters: `a_to_b` is what `a` sent into it (packets, bytes, and `drops`: packets the
+    /// TUN device dropped because the line did not read them in time), `b_to_a` likewise.
+    /// Unlike [`SlowLink::remove`]'s counters this includes what is still queued in the
+    /// line — on a very slow line most of what was offered is. `None` once removed.
+    pub fn offered(&self) -> Option<LinkCounters> {
+        self.pid?;
+        let side = |(netns, dev): &(String, String)| -> Option<LineCounters> {
+            let out = run_with_timeout(
+                &mut ip(&["-n", netns, "-s", "-j", "link", "show", "dev", dev]),
+                IP_TIMEOUT,
+            )
+            .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let tx = &v[0]["stats64"]["tx"];
+            Some(LineCounters {
+                fwd: tx["packets"].as_u64()?,
+                drops: tx["dropped"].as_u64()?,
+                bytes: tx["bytes"].as_u64()?,
+            })
+        };
+        Some(LinkCounters {
+            a_to_b: side(&self.ends[0])?,
+            b_to_a: side(&self.ends[1])?,
+        })
+    }
+
+    /// The delay line's stderr so far (errors; its counters once it stopped).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Restores the link: removes the routes through the line, stops it (SIGTERM, then
+    /// SIGKILL if it lingers) and returns what it forwarded (`None` if it printed nothing,
+    /// e.g. it had to be killed).
+    pub fn remove(mut self) -> Option<LinkCounters> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Option<LinkCounters> {
+        for (netns, dev, dest) in self.routes.drain(..) {
+            let _ = run_with_timeout(
+                &mut ip(&[
+                    "-n",
+                    &netns,
+                    "route",
+                    "del",
+                    &format!("{dest}/32"),
+                    "dev",
+                    &dev,
+                ]),
+                IP_TIMEOUT,
+            );
+        }
+        let pid = self.pid.take()?;
+        self.lab.signal(pid, libc::SIGTERM);
+        let deadline = std::time::Instant::now() + DELAYLINE_TIMEOUT;
+        while self.lab.try_wait(pid).is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.lab.try_wait(pid).is_some() {
+            self.lab.reap(pid);
+        } else {
+            eprintln!("testkit: {} did not stop on SIGTERM; killing it", self.what);
+            self.lab.kill(pid);
+        }
+        let counters = LinkCounters::parse(&self.log());
+        eprintln!(
+            "testkit: {} removed; {}",
+            self.what,
+            match &counters {
+                Some(c) => format!("{c:?}"),
+                None => format!("no counters (log: {:?})", self.log()),
+            }
+        );
+        counters
+    }
+}
+
+impl Drop for SlowLink<'_> {
+    fn drop(&mut self) {
+        if self.pid.is_some() || !self.routes.is_empty() {
+            self.teardown();
+        }
+    }
+}
+
+impl Lab {
+    /// The delay line binary, compiled (`cc -O2`) into the lab's directory on first use.
+    /// Call [`slow_link_available`] first: this panics if it cannot be built.
+    #[track_caller]
+    pub fn delayline_bin(&self) -> PathBuf {
+        let bin = self.dir.path().join("delayline");
+        if bin.exists() {
+            return bin;
+        }
+        // Built under a unique name and renamed into place: two links set up at once in one
+        // lab never run a half-written binary.
+        let tmp = self
+            .dir
+            .path()
+            .join(format!("delayline.{:?}.tmp", std::thread::current().id()));
+        let mut cc = Command::new("cc");
+        cc.arg("-O2").arg("-o").arg(&tmp).arg(delayline_source());
+        let out =
+            run_with_timeout(&mut cc, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            out.status.success(),
+            "cannot build the delay line:\n{}",
+            describe(&cc, &out)
+        );
+        std::fs::rename(&tmp, &bin).expect("move the delay line binary into place");
+        bin
+    }
+
+    /// Slows every packet between namespaces `a` and `b` (both directions), like
+    /// `tc qdisc … netem delay DELAY rate RATE` on the link: a delay line
+    /// (`shared/bench/tools/delayline.c`) holds each packet `delay` one way and serialises it
+    /// at `rate_bits_per_s` (0 = unlimited), FIFO, tail-dropping beyond 1000 queued packets.
+    ///
+    /// How: the delay line runs in the root namespace and creates TUN device `dl<b>` in `a`
+    /// and `dl<a>` in `b`; each namespace gets a /32 host route to the other's bridge address
+    /// through its TUN device, with its own bridge address as the preferred source (the TUN
+    /// devices carry no address). Longer-prefix routes win over the bridge's /24, so all
+    /// a↔b traffic (including established connections, whose cached routes are invalidated
+    /// by the route change) takes the line; traffic with third parties and the root
+    /// namespace does not. Routes are symmetric, so strict `rp_filter` passes too.
+    ///
+    /// Dropping the guard removes the routes and stops the line. Combine with [`Lab::lossy`]
+    /// for packet loss. Call [`slow_link_available`] first.
+    #[track_caller]
+    pub fn slow_link(
+        &self,
+        a: &str,
+        b: &str,
+        delay: Duration,
+        rate_bits_per_s: u64,
+    ) -> SlowLink<'_> {
+        assert_ne!(a, b, "a slow link joins two different namespaces");
+        let bin = self.delayline_bin();
+        let (na, nb) = (self.node(a), self.node(b));
+        let (dev_a, dev_b) = (format!("dl{b}"), format!("dl{a}"));
+        let what = format!(
+            "slow link {a}<->{b} (delay {delay:?}, rate {})",
+            if rate_bits_per_s == 0 {
+                "unlimited".to_owned()
+            } else {
+                format!("{rate_bits_per_s} bit/s")
+            }
+        );
+        let log = self.dir.path().join(format!("delayline-{a}-{b}.log"));
+        let log_file = File::create(&log).expect("create the delay line's log");
+        let delay_us = delay.as_micros().to_string();
+        let rate = rate_bits_per_s.to_string();
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            na.netns.as_str(),
+            dev_a.as_str(),
+            nb.netns.as_str(),
+            dev_b.as_str(),
+            &delay_us,
+            &rate,
+            &delay_us,
+            &rate,
+            &DELAYLINE_LIMIT_PKTS.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
+        // SAFETY: prctl is async-signal-safe; the child dies with the spawning thread.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the delay line ({}): {e}", show(&cmd)));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let pid = child.id();
+        self.procs.lock().expect("lab process table").insert(
+            pid,
+            Tracked {
+                child,
+                what: what.clone(),
+            },
+        );
+        // From here on the guard's Drop stops the line and removes what was added.
+        let mut link = SlowLink {
+            lab: self,
+            pid: Some(pid),
+            routes: Vec::new(),
+            ends: [
+                (na.netns.clone(), dev_a.clone()),
+                (nb.netns.clone(), dev_b.clone()),
+            ],
+            log,
+            what,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        match rx.recv_timeout(DELAYLINE_TIMEOUT) {
+            Ok(l) if l.trim() == "ready" => {}
+            got => panic!(
+                "{}: no \"ready\" within {DELAYLINE_TIMEOUT:?} (got {got:?}); exited: {:?}; log:\n{}",
+                link.what,
+                self.try_wait(pid),
+                link.log()
+            ),
+        }
+        for (node, dev, peer) in [(na, &dev_a, nb), (nb, &dev_b, na)] {
+            admin(&mut ip(&["-n", &node.netns, "link", "set", dev, "up"]));
+            admin(&mut ip(&[
+                "-n",
+                &node.netns,
+                "route",
+                "add",
+                &format!("{}/32", peer.addr),
+                "dev",
+                dev,
+                "src",
+                &node.addr.to_string(),
+            ]));
+            link.routes
+                .push((node.netns.clone(), dev.clone(), peer.addr));
+        }
+        eprintln!("testkit: {} up (pid {pid})", link.what);
+        link
+    }
+
+    /// Drops `percent` % of the packets between namespace `ns` and the given addresses, in
+    /// each direction, at random (nftables `numgen random mod 100 < N drop` in `ns`'s fault
+    /// table). Like [`Lab::partition`] it replaces any earlier fault in `ns`; [`Lab::heal`]
+    /// removes it. Applies to traffic through a [`SlowLink`] as well.
+    pub fn lossy(&self, ns: &str, peers: &[Ipv4Addr], percent: u32) {
+        assert!(!peers.is_empty(), "loss towards nothing");
+        assert!(
+            (1..=100).contains(&percent),
+            "loss is 1..=100 %, not {percent}"
+        );
+        let set = peers
+            .iter()
+            .map(Ipv4Addr::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.nft(
+            ns,
+            &format!(
+                "add table inet {FAULT_TABLE}\ndelete table inet {FAULT_TABLE}\n\
+                 table inet {FAULT_TABLE} {{\n\
+                   chain input {{ type filter hook input priority -10; policy accept; ip saddr {{ {set} }} numgen random mod 100 < {percent} drop; }}\n\
+                   chain output {{ type filter hook output priority -10; policy accept; ip daddr {{ {set} }} numgen random mod 100 < {percent} drop; }}\n\
+                 }}\n"
+            ),
+        );
+        eprintln!("testkit: {percent} % loss between {ns} and {set}");
+    }
+}

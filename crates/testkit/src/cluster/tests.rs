@@ -1,7 +1,9 @@
 //! The harness itself, without any blockwarden agent: namespaces come up and go away, traffic
-//! flows between them, nftables faults cut and restore it, and a 3-member etcd keeps quorum
-//! with one member killed and loses it with two. Method: real namespaces, TCP listeners made
-//! inside them with `Lab::in_netns`, real etcd processes.
+//! flows between them, nftables faults cut and restore it, a delay line slows exactly one pair
+//! of namespaces (measured round trips and transfer times, the line's own counters) and random
+//! loss drops about the given share of datagrams, and a 3-member etcd keeps quorum with one
+//! member killed and loses it with two. Method: real namespaces, TCP listeners made inside them
+//! with `Lab::in_netns`, real etcd processes.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -194,4 +196,217 @@ fn durations_in_help_texts_parse() {
     assert_eq!(parse_duration("6"), Some(Duration::from_secs(6)));
     assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
     assert_eq!(parse_duration("soon"), None);
+}
+
+/// A sink inside `ns` on `port`: reads each connection to EOF, then answers one byte.
+fn sink_in(lab: &Lab, ns: &str, port: u16) -> SocketAddr {
+    let addr = SocketAddr::from((lab.addr(ns), port));
+    let l: TcpListener = lab.in_netns(ns, || TcpListener::bind(addr).expect("bind in netns"));
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let mut sink = Vec::new();
+            if c.read_to_end(&mut sink).is_ok() {
+                let _ = c.write_all(&[1]);
+            }
+        }
+    });
+    addr
+}
+
+/// Time to send `bytes` to a [`sink_in`] from inside `from` and get its answer.
+fn transfer(lab: &Lab, from: &str, to: SocketAddr, bytes: usize) -> Duration {
+    let mut s = lab
+        .tcp_connect(Some(from), to, Duration::from_secs(5))
+        .expect("connect to the sink");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let t = Instant::now();
+    s.write_all(&vec![0x5a; bytes]).expect("send to the sink");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).expect("the sink's answer");
+    t.elapsed()
+}
+
+/// The fastest of five connect + 4-byte echo round trips (two RTTs), or `None` if one failed.
+fn echo_time(lab: &Lab, from: Option<&str>, to: SocketAddr) -> Option<Duration> {
+    let mut best = None::<Duration>;
+    for _ in 0..5 {
+        let t = Instant::now();
+        if !echo(lab, from, to) {
+            return None;
+        }
+        let e = t.elapsed();
+        best = Some(best.map_or(e, |b| b.min(e)));
+    }
+    best
+}
+
+/// Whether no `dl*` device is left in the lab's namespaces.
+fn link_gone(lab: &Lab) -> bool {
+    wait_until(Duration::from_secs(5), || {
+        lab.names().iter().all(|ns| {
+            let mut c = Command::new("ip");
+            c.args(["-o", "link", "show"]);
+            let out = lab.output_in(ns, &mut c, Duration::from_secs(10)).unwrap();
+            !String::from_utf8_lossy(&out.stdout).contains(": dl")
+        })
+    })
+}
+
+fn routes_in(lab: &Lab, ns: &str) -> String {
+    let mut c = Command::new("ip");
+    c.args(["-4", "route", "show"]);
+    let out = lab.output_in(ns, &mut c, Duration::from_secs(10)).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn slow_link_delays_and_rate_limits_only_its_pair_and_is_gone_after_removal() {
+    if !lab::slow_link_available() {
+        return;
+    }
+    let Some(lab) = Lab::new(&["a", "b", "c"]) else {
+        return;
+    };
+    let to_b = listen_in(&lab, "b", 5000);
+    let to_c = listen_in(&lab, "c", 5000);
+    let to_a = listen_in(&lab, "a", 5000);
+    let sink_b = sink_in(&lab, "b", 5001);
+    let base = echo_time(&lab, Some("a"), to_b).expect("a -> b before the slow link");
+    const SIZE: usize = 128 << 10;
+    let base_xfer = transfer(&lab, "a", sink_b, SIZE);
+    eprintln!("before: a -> b echo {base:?}, {SIZE} bytes in {base_xfer:?}");
+
+    // 40 ms one way: a connect plus an echo is two round trips, at least 160 ms.
+    let link = lab.slow_link("a", "b", Duration::from_millis(40), 1_000_000);
+    let routes = routes_in(&lab, "a");
+    assert!(
+        routes.contains(&format!("{} dev dlb", lab.addr("b"))),
+        "a routes b through the line:\n{routes}"
+    );
+    let slow = echo_time(&lab, Some("a"), to_b).expect("a -> b through the slow link");
+    let slow_back = echo_time(&lab, Some("b"), to_a).expect("b -> a through the slow link");
+    // 128 KiB at 1 Mbit/s: at least 1.05 s of serialisation.
+    let slow_xfer = transfer(&lab, "a", sink_b, SIZE);
+    let other = echo_time(&lab, Some("a"), to_c).expect("a -> c beside the slow link");
+    let root = echo_time(&lab, None, to_b).expect("root -> b beside the slow link");
+    eprintln!(
+        "slowed: a -> b echo {slow:?}, b -> a echo {slow_back:?}, {SIZE} bytes in {slow_xfer:?}; \
+         a -> c echo {other:?}, root -> b echo {root:?}"
+    );
+    assert!(
+        slow >= Duration::from_millis(160) && slow_back >= Duration::from_millis(160),
+        "a <-> b takes the 40 ms line (two round trips >= 160 ms): {slow:?} / {slow_back:?}"
+    );
+    assert!(
+        slow < Duration::from_millis(600),
+        "the line adds its delay, not more: {slow:?}"
+    );
+    assert!(
+        slow_xfer >= Duration::from_millis(1000),
+        "{SIZE} bytes at 1 Mbit/s take at least 1 s: {slow_xfer:?} (unslowed {base_xfer:?})"
+    );
+    assert!(
+        other < Duration::from_millis(100) && root < Duration::from_millis(100),
+        "only the a <-> b pair is slowed: a -> c {other:?}, root -> b {root:?}"
+    );
+
+    let offered = link.offered().expect("the TUN devices' counters");
+    assert!(
+        offered.a_to_b.bytes >= SIZE as u64 && offered.b_to_a.fwd > 0,
+        "the kernels handed the a <-> b traffic to the line: {offered:?}"
+    );
+    let counters = link.remove().expect("the delay line's counters");
+    assert!(link_gone(&lab), "the TUN devices are gone with the line");
+    assert!(
+        counters.a_to_b.fwd > 0 && counters.b_to_a.fwd > 0,
+        "packets went through the line both ways: {counters:?}"
+    );
+    assert!(
+        counters.a_to_b.bytes >= SIZE as u64,
+        "the transfer went through the line: {counters:?}"
+    );
+    let routes = routes_in(&lab, "a");
+    assert!(
+        !routes.contains("dlb"),
+        "the route through the line is gone:\n{routes}"
+    );
+    let after = echo_time(&lab, Some("a"), to_b).expect("a -> b after removal");
+    let after_xfer = transfer(&lab, "a", sink_b, SIZE);
+    eprintln!("after: a -> b echo {after:?}, {SIZE} bytes in {after_xfer:?}");
+    assert!(
+        after < Duration::from_millis(100) && after_xfer < Duration::from_millis(500),
+        "a <-> b is fast again: echo {after:?}, transfer {after_xfer:?}"
+    );
+
+    // Dropping the guard (e.g. on panic) restores the link too.
+    let link = lab.slow_link("b", "c", Duration::from_millis(40), 0);
+    let pid = link.pid().expect("running");
+    assert!(echo_time(&lab, Some("b"), to_c).unwrap() >= Duration::from_millis(160));
+    drop(link);
+    assert!(lab.try_wait(pid).is_none(), "reaped: no longer tracked");
+    // SAFETY: signal 0 only probes for existence.
+    assert!(
+        unsafe { libc::kill(pid as libc::pid_t, 0) } != 0,
+        "the delay line is gone"
+    );
+    assert!(echo_time(&lab, Some("b"), to_c).unwrap() < Duration::from_millis(100));
+}
+
+/// Sends `n` datagrams from inside `from` to `to`'s namespace; returns how many arrived.
+fn udp_delivered(lab: &Lab, from: &str, to: &str, port: u16, n: u32) -> u32 {
+    let dst = SocketAddr::from((lab.addr(to), port));
+    let rx = lab.in_netns(to, || std::net::UdpSocket::bind(dst).expect("bind udp"));
+    let tx = lab.in_netns(from, || {
+        std::net::UdpSocket::bind(SocketAddr::from((lab.addr(from), 0))).expect("bind udp")
+    });
+    let mut b = [0u8; 16];
+    // Warm up (neighbour resolution queues only a few packets) until one datagram arrives.
+    rx.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let warm = (0..50).any(|_| {
+        // An output drop answers EPERM: that datagram is lost, as intended.
+        let _ = tx.send_to(b"warm", dst);
+        rx.recv_from(&mut b).is_ok()
+    });
+    assert!(warm, "no datagram from {from} reached {to} in 50 tries");
+    while rx.recv_from(&mut b).is_ok() {}
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    // Counted while they come (the receive buffer holds only a few hundred).
+    let counter = std::thread::spawn(move || {
+        let (mut got, mut b) = (0u32, [0u8; 16]);
+        while rx.recv_from(&mut b).is_ok() {
+            got += 1;
+        }
+        got
+    });
+    for i in 0..n {
+        let _ = tx.send_to(&i.to_be_bytes(), dst);
+        if i % 20 == 19 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    counter.join().expect("the counting thread")
+}
+
+#[test]
+fn lossy_drops_about_the_given_share_between_the_pair_only() {
+    let Some(lab) = Lab::new(&["a", "b", "c"]) else {
+        return;
+    };
+    assert_eq!(udp_delivered(&lab, "a", "b", 7000, 400), 400, "no loss yet");
+    lab.lossy("a", &[lab.addr("b")], 30);
+    let lossy = udp_delivered(&lab, "a", "b", 7001, 400);
+    let back = udp_delivered(&lab, "b", "a", 7002, 400);
+    let other = udp_delivered(&lab, "a", "c", 7003, 400);
+    eprintln!("30 % loss: a -> b {lossy}/400, b -> a {back}/400, a -> c {other}/400");
+    // Binomial(400, 0.7): mean 280, sd 9.2; the bounds are > 6 sd away.
+    assert!(
+        (220..=340).contains(&lossy) && (220..=340).contains(&back),
+        "about 70 % arrive each way: {lossy} / {back}"
+    );
+    assert_eq!(other, 400, "a <-> c is not affected");
+    lab.heal("a");
+    assert_eq!(udp_delivered(&lab, "a", "b", 7004, 400), 400, "healed");
 }
