@@ -156,7 +156,11 @@ fn pct(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    let mut s = v.to_vec();
+    // A missing figure (NaN: a job with no such ratio) is left out, never a panic.
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
     s.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let rank = ((q / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
     s[rank.min(s.len()) - 1]
@@ -166,7 +170,11 @@ fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    let mut s = v.to_vec();
+    // A missing figure (NaN: a job with no such ratio) is left out, never a panic.
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
     s.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let n = s.len();
     if n % 2 == 1 {
