@@ -129,7 +129,11 @@ fn render_replication(attachments: &[std::sync::Arc<super::attach::Attachment>],
                 "blockwarden_replica_connected{{{l}}} {}",
                 u8::from(x.connected)
             );
-            let _ = writeln!(out, "blockwarden_replica_lag_bytes{{{l}}} {}", x.dirty_bytes);
+            let _ = writeln!(
+                out,
+                "blockwarden_replica_lag_bytes{{{l}}} {}",
+                x.dirty_bytes
+            );
             let _ = writeln!(
                 out,
                 "blockwarden_replica_resync_remaining_bytes{{{l}}} {remaining}"
