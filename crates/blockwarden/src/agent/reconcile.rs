@@ -190,12 +190,7 @@ async fn apply<C: ClusterStore>(node: &Arc<Node<C>>, rec: &VolumeRecord) {
     } else if node
         .attachment(&rec.name)
         .is_some_and(|a| a.switch.is_some())
-        && rec.state == VolumeState::Ready
-        && rec.replicas_placed.len() > 1
-        && rec
-            .replicas_placed
-            .iter()
-            .all(|r| r.state != ReplicaState::Creating)
+        && super::replicated::wants_replication(rec)
     {
         // A replica was added to a one-replica volume in use here: switch its attachment to
         // the replication driver without closing the NBD connections.

@@ -453,6 +453,17 @@ impl Replicated {
     }
 }
 
+/// Whether a one-replica attachment of `rec` should switch to the driver now: the record
+/// lists more replicas and every added one exists on its node (no longer `creating`).
+pub fn wants_replication(rec: &VolumeRecord) -> bool {
+    rec.state == catalog::VolumeState::Ready
+        && rec.replicas_placed.len() > 1
+        && rec
+            .replicas_placed
+            .iter()
+            .all(|r| r.state != ReplicaState::Creating)
+}
+
 /// Stops a replicated attachment and waits (bounded) until its sessions are closed.
 pub async fn stop(r: &Arc<ReplicatedDevice>) {
     r.stop("detached");
@@ -569,16 +580,7 @@ impl<C: ClusterStore> Node<C> {
                 return;
             }
         };
-        if rec.state != catalog::VolumeState::Ready
-            || rec.replicas_placed.len() < 2
-            || rec
-                .replicas_placed
-                .iter()
-                .any(|r| r.state == ReplicaState::Creating)
-        {
-            return;
-        }
-        if !switch.pause() {
+        if !wants_replication(&rec) || !switch.pause() {
             return;
         }
         let started = Instant::now();

@@ -37,8 +37,6 @@ pub struct SwitchDevice {
     route: RwLock<Route>,
     /// Requests submitted while paused. Locked only under the route lock's write side.
     held: Mutex<Held>,
-    /// Serialises `pause`/`resume` pairs.
-    switching: Mutex<()>,
 }
 
 impl SwitchDevice {
@@ -46,14 +44,13 @@ impl SwitchDevice {
         SwitchDevice {
             route: RwLock::new(Route::Active(inner)),
             held: Mutex::new(VecDeque::new()),
-            switching: Mutex::new(()),
         }
     }
 
     /// Holds every request submitted from now on until [`SwitchDevice::resume`] or
-    /// [`SwitchDevice::fail_paused`]. Returns false if already paused.
+    /// [`SwitchDevice::fail_paused`]. Returns false if already paused. The caller
+    /// serialises switches (the agent's attach lock).
     pub fn pause(&self) -> bool {
-        let _s = self.switching.lock().unwrap();
         let mut route = self.route.write().unwrap();
         let old = match &*route {
             Route::Active(d) => d.clone(),
@@ -65,7 +62,6 @@ impl SwitchDevice {
 
     /// Installs `new` and hands it the held requests, in order, before any later one.
     pub fn resume(&self, new: Arc<dyn BlockDevice>) {
-        let _s = self.switching.lock().unwrap();
         let mut route = self.route.write().unwrap();
         *route = Route::Active(new.clone());
         let queued = std::mem::take(&mut *self.held.lock().unwrap());
