@@ -12,34 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use testkit::cluster::inspect::{replica_file, replica_states, same_files};
-use testkit::cluster::{Cluster, ClusterAgent};
+use testkit::cluster::inspect::{
+    all_in_sync, replica_file, replica_states, resync_regions, same_files, volume_show,
+};
+use testkit::cluster::Cluster;
 use testkit::loadgen::{self, VerifyOptions, WriteOptions};
 use testkit::{start_cluster, wait_until};
 
 const MIB: u64 = 1 << 20;
-
-fn show(a: &ClusterAgent, vol: &str) -> Value {
-    a.cli_json(&["volume", "show", vol])
-}
-
-fn all_in_sync(show: &Value) -> bool {
-    let states = replica_states(show);
-    !states.is_empty() && states.iter().all(|(_, s)| s == "in_sync")
-}
-
-/// "resync of replica 2 on node n2 started (N regions)" → N, for every such event.
-fn resync_regions(events: &str) -> Vec<u64> {
-    events
-        .lines()
-        .filter(|l| l.contains("resync") && l.contains("started"))
-        .filter_map(|l| {
-            let (_, rest) = l.split_once("started (")?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .collect()
-}
 
 fn start() -> Option<Cluster> {
     start_cluster!(&[("n1", &[]), ("n2", &[]), ("n3", &[])])
@@ -62,7 +42,7 @@ fn two_replicas_lose_no_flushed_write_when_a_replica_host_dies_and_resync_only_w
         "--node",
         "n2",
     ]);
-    let s = show(a, "vm");
+    let s = volume_show(a, "vm");
     assert_eq!(
         replica_states(&s),
         [
@@ -104,8 +84,8 @@ fn two_replicas_lose_no_flushed_write_when_a_replica_host_dies_and_resync_only_w
     );
     eprintln!("writes went on {:?} after kill -9 of n2", killed.elapsed());
     let a = c.agent("n1");
-    let s = show(a, "vm");
-    assert!(!all_in_sync(&s), "n2 left the in-sync set: {s}");
+    let s = volume_show(a, "vm");
+    assert!(!all_in_sync(&s, 2), "n2 left the in-sync set: {s}");
 
     c.agent_mut("n2").restart();
     let sum = load.join().unwrap().expect("load generator set-up");
@@ -114,9 +94,12 @@ fn two_replicas_lose_no_flushed_write_when_a_replica_host_dies_and_resync_only_w
 
     let a = c.agent("n1");
     assert!(
-        wait_until(Duration::from_secs(60), || all_in_sync(&show(a, "vm"))),
+        wait_until(Duration::from_secs(60), || all_in_sync(
+            &volume_show(a, "vm"),
+            2
+        )),
         "both replicas are in sync again within 60 s: {}",
-        show(a, "vm")
+        volume_show(a, "vm")
     );
     let rep = loadgen::verify(&VerifyOptions {
         uri: uri.clone(),
@@ -128,7 +111,7 @@ fn two_replicas_lose_no_flushed_write_when_a_replica_host_dies_and_resync_only_w
     assert!(rep.durable_blocks > 0, "the test wrote something: {rep}");
 
     let events = a.cli_ok(&["events"]);
-    let regions = resync_regions(&events);
+    let regions = resync_regions(&events, None);
     eprintln!("resyncs (regions): {regions:?}");
     assert!(!regions.is_empty(), "a resync ran:\n{events}");
     assert!(
@@ -210,8 +193,11 @@ fn failover_after_kill9_of_the_attached_node_keeps_every_flushed_write() {
     c.agent_mut("n1").restart();
     let n3 = c.agent("n3");
     assert!(
-        wait_until(Duration::from_secs(60), || all_in_sync(&show(n3, "fo"))),
+        wait_until(Duration::from_secs(60), || all_in_sync(
+            &volume_show(n3, "fo"),
+            2
+        )),
         "n1's replica is resynced after it returns: {}",
-        show(n3, "fo")
+        volume_show(n3, "fo")
     );
 }

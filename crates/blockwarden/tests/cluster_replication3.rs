@@ -14,16 +14,18 @@
 //! still for 5 s while the volume shows one healthy replica), restart n2 (writes resume),
 //! restart n3; every flushed block reads back and the replicas end identical.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use testkit::cluster::inspect::{replica_file, same_files};
+use testkit::agent::tail;
+use testkit::cluster::inspect::{
+    all_in_sync, replica_file, replica_in_sync, replica_on, same_files, volume_show,
+};
 use testkit::cluster::{Cluster, ClusterAgent};
-use testkit::loadgen::{self, VerifyOptions, WriteOptions, WriteSummary};
+use testkit::loadgen::{self, WriteOptions, WriteSummary};
 use testkit::{start_cluster, wait_until};
 
 const MIB: u64 = 1 << 20;
@@ -34,29 +36,6 @@ const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
 fn start() -> Option<Cluster> {
     start_cluster!(&[("n1", &[]), ("n2", &[]), ("n3", &[])])
-}
-
-fn show(a: &ClusterAgent, vol: &str) -> Value {
-    a.cli_json(&["volume", "show", vol])
-}
-
-/// The replica entry of `node` in `volume show`.
-fn replica_on<'a>(show: &'a Value, node: &str) -> Option<&'a Value> {
-    show["replica_set"]
-        .as_array()?
-        .iter()
-        .find(|r| r["node"].as_str() == Some(node))
-}
-
-fn replica_in_sync(r: &Value) -> bool {
-    r["in_sync"].as_bool() == Some(true) && r["state"].as_str() == Some("in_sync")
-}
-
-/// Three replicas, every one of them in sync.
-fn all_in_sync(show: &Value) -> bool {
-    show["replica_set"]
-        .as_array()
-        .is_some_and(|rs| rs.len() == 3 && rs.iter().all(replica_in_sync))
 }
 
 /// Creates `vol` with replicas on n1, n2, n3 (plus `extra` flags), attaches it on n1;
@@ -79,8 +58,11 @@ fn create_attached(a: &ClusterAgent, vol: &str, extra: &[&str]) -> String {
     ];
     args.extend_from_slice(extra);
     a.cli_ok(&args);
-    let s = show(a, vol);
-    assert!(all_in_sync(&s), "three in-sync replicas at creation: {s}");
+    let s = volume_show(a, vol);
+    assert!(
+        all_in_sync(&s, 3),
+        "three in-sync replicas at creation: {s}"
+    );
     let id = s["id"].as_str().expect("volume id").to_owned();
     a.cli_ok(&["volume", "attach", vol]);
     id
@@ -132,7 +114,7 @@ impl Load {
             !self.handle.is_finished(),
             self.started.elapsed(),
             self.duration,
-            show(a, vol),
+            volume_show(a, vol),
             a.name(),
             tail(&a.log(), 60)
         );
@@ -153,17 +135,6 @@ impl Load {
     }
 }
 
-fn verify_ok(uri: &str, state: &Path) {
-    let rep = loadgen::verify(&VerifyOptions {
-        uri: uri.to_owned(),
-        state_path: state.to_owned(),
-    })
-    .expect("verify ran");
-    eprint!("{rep}");
-    assert!(rep.ok(), "flushed data lost:\n{rep}");
-    assert!(rep.durable_blocks > 0, "the test wrote something: {rep}");
-}
-
 /// Waits (90 s at most) until all three replicas are in sync; panics with the volume's state
 /// and every agent's log tail otherwise.
 #[track_caller]
@@ -172,8 +143,8 @@ fn wait_all_in_sync(c: &Cluster, vol: &str, after: &str) -> Duration {
     let t = Instant::now();
     let mut last = Value::Null;
     let ok = wait_until(Duration::from_secs(90), || {
-        last = show(a, vol);
-        all_in_sync(&last)
+        last = volume_show(a, vol);
+        all_in_sync(&last, 3)
     });
     if !ok {
         let logs: Vec<String> = NODES
@@ -196,7 +167,7 @@ fn wait_all_in_sync(c: &Cluster, vol: &str, after: &str) -> Duration {
 fn wait_dropped(a: &ClusterAgent, vol: &str, node: &str) -> Value {
     let mut last = Value::Null;
     let ok = wait_until(Duration::from_secs(30), || {
-        last = show(a, vol);
+        last = volume_show(a, vol);
         replica_on(&last, node).is_some_and(|r| !replica_in_sync(r))
     });
     assert!(
@@ -335,7 +306,7 @@ fn three_replicas_lose_no_flushed_write_when_replicas_are_killed_and_partitioned
     let state = load.finish();
     let took = wait_all_in_sync(&c, "vm", "n2's restart");
     eprintln!("all in sync {took:?} after the kill load ended");
-    verify_ok(&uri, &state);
+    loadgen::verify_ok(&uri, &state);
     replicas_identical(&c, &id, "after n2's restart");
     check_resync_counters(c.agent("n1"), "vm", "n2", since);
 
@@ -378,9 +349,9 @@ fn three_replicas_lose_no_flushed_write_when_replicas_are_killed_and_partitioned
         !load.handle.is_finished()
     );
     let state = load.finish();
-    let s = show(c.agent("n1"), "vm");
-    assert!(all_in_sync(&s), "still in sync after the load: {s}");
-    verify_ok(&uri, &state);
+    let s = volume_show(c.agent("n1"), "vm");
+    assert!(all_in_sync(&s, 3), "still in sync after the load: {s}");
+    loadgen::verify_ok(&uri, &state);
     replicas_identical(&c, &id, "after n3's heal");
     check_resync_counters(c.agent("n1"), "vm", "n3", since);
 
@@ -393,7 +364,7 @@ fn three_replicas_lose_no_flushed_write_when_replicas_are_killed_and_partitioned
 fn min_in_sync_two_of_three_writes_with_one_replica_gone_and_holds_with_two_gone() {
     let Some(mut c) = start() else { return };
     let id = create_attached(c.agent("n1"), "mis", &["--min-in-sync", "2"]);
-    let s = show(c.agent("n1"), "mis");
+    let s = volume_show(c.agent("n1"), "mis");
     assert_eq!(s["min_in_sync"].as_u64(), Some(2), "{s}");
     let uri = c.agent("n1").nbd_uri("mis");
 
@@ -442,7 +413,7 @@ fn min_in_sync_two_of_three_writes_with_one_replica_gone_and_holds_with_two_gone
         "a flush completed with only one healthy replica under min-in-sync 2 ({held_at} -> {})\n\
          volume: {}",
         load.flushes(),
-        show(c.agent("n1"), "mis")
+        volume_show(c.agent("n1"), "mis")
     );
     assert!(
         !load.handle.is_finished(),
@@ -460,7 +431,7 @@ fn min_in_sync_two_of_three_writes_with_one_replica_gone_and_holds_with_two_gone
         "after n2's restart (writes resume once it rejoins)",
     );
     eprintln!("writes resumed {:?} after n2's restart began", t.elapsed());
-    let s = show(c.agent("n1"), "mis");
+    let s = volume_show(c.agent("n1"), "mis");
     assert!(
         replica_on(&s, "n2").is_some_and(replica_in_sync),
         "n2 is in sync again once writes resumed: {s}"
@@ -470,16 +441,10 @@ fn min_in_sync_two_of_three_writes_with_one_replica_gone_and_holds_with_two_gone
     let took = wait_all_in_sync(&c, "mis", "n3's restart");
     eprintln!("all in sync {took:?} after n3's restart");
     let state = load.finish();
-    verify_ok(&uri, &state);
+    loadgen::verify_ok(&uri, &state);
     replicas_identical(&c, &id, "after both restarts");
 
     let a = c.agent("n1");
     a.cli_ok(&["volume", "detach", "mis"]);
     replicas_identical(&c, &id, "after detaching");
-}
-
-/// The last `n` lines of `s`.
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -18,17 +18,20 @@
 //! identical region by region. Needs root, nbdfuse, losetup, mkfs.ext4 (skips loudly).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use testkit::cluster::inspect::{replica_file, replica_states, same_files};
-use testkit::cluster::{Cluster, ClusterAgent};
+use testkit::agent::tail;
+use testkit::cluster::inspect::{
+    all_in_sync, metric, replica_file, replica_on, replica_states, same_files, volume_show,
+};
+use testkit::cluster::Cluster;
 use testkit::cmd::{describe, run_ok, run_with_timeout};
-use testkit::e2e::Cleanup;
+use testkit::e2e::{losetup, mount, nbdfuse, Cleanup};
 use testkit::rng::SplitMix64;
 use testkit::{require_root, require_tool, start_cluster, wait_until};
 
@@ -48,28 +51,6 @@ const SYNC_EVERY: u64 = 100;
 
 fn start() -> Option<Cluster> {
     start_cluster!(&[("n1", &[]), ("n2", &[]), ("n3", &[])])
-}
-
-fn show(a: &ClusterAgent, vol: &str) -> Value {
-    a.cli_json(&["volume", "show", vol])
-}
-
-/// The replica entry of `node` in `volume show`.
-fn replica_on<'a>(show: &'a Value, node: &str) -> Option<&'a Value> {
-    show["replica_set"]
-        .as_array()?
-        .iter()
-        .find(|r| r["node"].as_str() == Some(node))
-}
-
-/// `n` replicas, every one of them in sync.
-fn all_in_sync(show: &Value, n: usize) -> bool {
-    show["replica_set"].as_array().is_some_and(|rs| {
-        rs.len() == n
-            && rs
-                .iter()
-                .all(|r| r["in_sync"].as_bool() == Some(true) && r["state"] == "in_sync")
-    })
 }
 
 /// The base tree, written before the replica is added: (relative path, size) for 6
@@ -196,65 +177,6 @@ impl Drop for LiveWriter {
     }
 }
 
-/// nbdfuse on `mnt` for `uri`, registered for cleanup; returns the path of the exposed file.
-fn nbdfuse(scratch: &Path, mnt: &Path, uri: &str, cleanup: &mut Cleanup) -> PathBuf {
-    std::fs::create_dir_all(mnt).unwrap();
-    let pidfile = scratch.join("nbdfuse.pid");
-    let _ = std::fs::remove_file(&pidfile);
-    let child: Child = Command::new("nbdfuse")
-        .arg("-P")
-        .arg(&pidfile)
-        .arg(mnt)
-        .arg(uri)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn nbdfuse");
-    let child = Arc::new(Mutex::new(child));
-    let (c, m) = (child.clone(), mnt.to_path_buf());
-    cleanup.push(format!("unmount nbdfuse {}", mnt.display()), move || {
-        let _ = run_with_timeout(
-            Command::new("fusermount3").arg("-u").arg(&m),
-            Duration::from_secs(30),
-        );
-        let mut c = c.lock().unwrap();
-        if !wait_until(Duration::from_secs(10), || {
-            matches!(c.try_wait(), Ok(Some(_)))
-        }) {
-            let _ = c.kill();
-            let _ = c.wait();
-            let _ = run_with_timeout(
-                Command::new("umount").arg("-l").arg(&m),
-                Duration::from_secs(30),
-            );
-        }
-    });
-    let file = mnt.join("nbd");
-    assert!(
-        wait_until(Duration::from_secs(30), || pidfile.exists()
-            && file.exists()),
-        "nbdfuse did not mount {} within 30 s",
-        mnt.display()
-    );
-    file
-}
-
-/// A loop device on `file`, registered for cleanup.
-fn losetup(file: &Path, cleanup: &mut Cleanup) -> String {
-    let dev = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(file), T)
-        .trim()
-        .to_owned();
-    assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-    cleanup.push_cmd("losetup", &["-d", &dev]);
-    dev
-}
-
-fn mount(dev: &str, mnt: &Path, opts: &[&str], cleanup: &mut Cleanup) {
-    std::fs::create_dir_all(mnt).unwrap();
-    run_ok(Command::new("mount").args(opts).arg(dev).arg(mnt), T);
-    let m = mnt.to_string_lossy().into_owned();
-    cleanup.push_cmd("umount", &["-l", &m]);
-}
-
 /// One progress sample of the added replica's copy.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -294,18 +216,6 @@ fn steady_rate(samples: &[Sample]) -> Result<(f64, Sample, Sample), String> {
     Ok((rate, *from, *to))
 }
 
-/// `blockwarden_replica_resynced_bytes_total` of replica `id` on `node` in `a`'s metrics.
-fn resynced_bytes(a: &ClusterAgent, id: u64, node: &str) -> Option<u64> {
-    let r = testkit::http::request(a.api_addr(), "GET", "/metrics", None).ok()?;
-    let key = format!(
-        "blockwarden_replica_resynced_bytes_total{{volume=\"vm\",replica=\"{id}\",node=\"{node}\"}} "
-    );
-    r.body
-        .lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 fn tools_available() -> bool {
     require_root()
         && [
@@ -342,7 +252,7 @@ fn replica_added_under_an_ext4_file_tree_is_filled_at_the_set_rate_and_ends_iden
         "--node",
         "n2",
     ]);
-    let s = show(a, "vm");
+    let s = volume_show(a, "vm");
     assert_eq!(
         replica_states(&s),
         [
@@ -401,10 +311,17 @@ fn replica_added_under_an_ext4_file_tree_is_filled_at_the_set_rate_and_ends_iden
     let mut in_sync_after = None;
     while t_add.elapsed() < Duration::from_secs(90) {
         let before = t_add.elapsed().as_secs_f64();
-        let s = show(a, "vm");
+        let s = volume_show(a, "vm");
         let moved = replica_on(&s, "n3")
             .and_then(|r| r["id"].as_u64())
-            .and_then(|id| resynced_bytes(a, id, "n3"));
+            .and_then(|id| {
+                metric(
+                    a,
+                    "blockwarden_replica_resynced_bytes_total",
+                    &format!("volume=\"vm\",replica=\"{id}\",node=\"n3\""),
+                )
+            })
+            .map(|b| b as u64);
         let t = (before + t_add.elapsed().as_secs_f64()) / 2.0;
         if let Some(p) = replica_on(&s, "n3").map(|r| &r["resync"]) {
             if let (Some(copied), Some(total), Some(moved)) =
@@ -524,7 +441,7 @@ fn replica_added_under_an_ext4_file_tree_is_filled_at_the_set_rate_and_ends_iden
     // The FUSE and loop pieces are gone: nbdfuse closed its NBD connection.
     let mut s = Value::Null;
     let closed = wait_until(Duration::from_secs(10), || {
-        s = show(a, "vm");
+        s = volume_show(a, "vm");
         s["in_use_connections"].as_u64() == Some(0)
     });
     assert!(
@@ -539,10 +456,4 @@ fn replica_added_under_an_ext4_file_tree_is_filled_at_the_set_rate_and_ends_iden
             panic!("the replica on {n} differs from n1's: {e}");
         }
     }
-}
-
-/// The last `n` lines of `s`.
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -10,40 +10,18 @@
 //! detaching the replica files are byte-identical.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use testkit::cluster::inspect::{replica_file, replica_states, same_files};
+use testkit::agent::tail;
+use testkit::cluster::inspect::{
+    all_in_sync, replica_file, replica_in_sync, replica_on, replica_states, same_files, volume_show,
+};
 use testkit::cluster::{Cluster, ClusterAgent};
-use testkit::loadgen::{self, VerifyOptions, WriteOptions, WriteSummary};
+use testkit::loadgen::{self};
 use testkit::{start_cluster, wait_until};
 
 const MIB: u64 = 1 << 20;
-
-fn show(a: &ClusterAgent, vol: &str) -> Value {
-    a.cli_json(&["volume", "show", vol])
-}
-
-/// The replica entry of `node` in `volume show`.
-fn replica_on<'a>(show: &'a Value, node: &str) -> Option<&'a Value> {
-    show["replica_set"]
-        .as_array()?
-        .iter()
-        .find(|r| r["node"].as_str() == Some(node))
-}
-
-fn replica_in_sync(r: &Value) -> bool {
-    r["in_sync"].as_bool() == Some(true) && r["state"].as_str() == Some("in_sync")
-}
-
-/// `n` replicas, every one of them in sync.
-fn all_in_sync(show: &Value, n: usize) -> bool {
-    show["replica_set"]
-        .as_array()
-        .is_some_and(|rs| rs.len() == n && rs.iter().all(replica_in_sync))
-}
 
 fn start() -> Option<Cluster> {
     start_cluster!(&[("n1", &[]), ("n2", &[]), ("n3", &[])])
@@ -64,7 +42,7 @@ fn create_attached(a: &ClusterAgent, vol: &str) -> String {
         "--node",
         "n2",
     ]);
-    let s = show(a, vol);
+    let s = volume_show(a, vol);
     assert_eq!(
         replica_states(&s),
         [
@@ -79,20 +57,6 @@ fn create_attached(a: &ClusterAgent, vol: &str) -> String {
 }
 
 /// The verifying load over the first 16 MiB of `uri`, on its own thread.
-type Load = (JoinHandle<Result<WriteSummary, String>>, Arc<AtomicU64>);
-
-fn start_load(uri: &str, state: &std::path::Path, seed: u64, duration: Duration) -> Load {
-    let mut o = WriteOptions::new(uri, state);
-    o.blocks = Some(16 * MIB / 4096);
-    o.flush_every = 32;
-    o.queue_depth = 8;
-    o.seed = seed;
-    o.duration = duration;
-    let flushes = Arc::new(AtomicU64::new(0));
-    o.flushes_done = Some(flushes.clone());
-    (std::thread::spawn(move || loadgen::write(&o)), flushes)
-}
-
 /// Waits (30 s at most) until `flushes` reaches `n`; panics naming `what`, with `a`'s log
 /// tail, otherwise.
 #[track_caller]
@@ -108,17 +72,6 @@ fn progress(a: &ClusterAgent, flushes: &AtomicU64, n: u64, what: &str) {
     );
 }
 
-fn verify_ok(uri: &str, state: &std::path::Path) {
-    let rep = loadgen::verify(&VerifyOptions {
-        uri: uri.to_owned(),
-        state_path: state.to_owned(),
-    })
-    .expect("verify ran");
-    eprint!("{rep}");
-    assert!(rep.ok(), "flushed data lost:\n{rep}");
-    assert!(rep.durable_blocks > 0, "the test wrote something: {rep}");
-}
-
 #[test]
 fn added_replica_is_filled_while_writes_go_on_and_ends_identical() {
     let Some(c) = start() else { return };
@@ -126,7 +79,8 @@ fn added_replica_is_filled_while_writes_go_on_and_ends_identical() {
     let id = create_attached(a, "vm");
     let uri = a.nbd_uri("vm");
     let state = a.scratch_dir().join("add.state");
-    let (load, flushes) = start_load(&uri, &state, 0x00ad_d3e9, Duration::from_secs(15));
+    let (load, flushes) =
+        loadgen::spawn_write(&uri, &state, 16 * MIB, 0x00ad_d3e9, Duration::from_secs(15));
 
     progress(a, &flushes, 10, "before add-replica");
     let t_add = Instant::now();
@@ -150,7 +104,7 @@ fn added_replica_is_filled_while_writes_go_on_and_ends_identical() {
     let mut last = Value::Null;
     let mut in_sync_after = None;
     while t_add.elapsed() < Duration::from_secs(90) {
-        let s = show(a, "vm");
+        let s = volume_show(a, "vm");
         if let Some(p) = replica_on(&s, "n3").map(|r| &r["resync"]) {
             if p.is_object() {
                 samples.push((t_add.elapsed(), p.clone()));
@@ -212,9 +166,9 @@ fn added_replica_is_filled_while_writes_go_on_and_ends_identical() {
     let sum = load.join().unwrap().expect("load generator set-up");
     eprintln!("load: {sum}");
     assert!(sum.error.is_none(), "the load ran to its end: {sum}");
-    let s = show(a, "vm");
+    let s = volume_show(a, "vm");
     assert!(all_in_sync(&s, 3), "still in sync after the load: {s}");
-    verify_ok(&uri, &state);
+    loadgen::verify_ok(&uri, &state);
 
     a.cli_ok(&["volume", "detach", "vm"]);
     let f1 = replica_file(a, &id);
@@ -232,7 +186,8 @@ fn partitioned_replica_is_dropped_and_resynced_after_the_partition_heals() {
     let id = create_attached(a, "vm");
     let uri = a.nbd_uri("vm");
     let state = a.scratch_dir().join("part.state");
-    let (load, flushes) = start_load(&uri, &state, 0x9a27_17e0, Duration::from_secs(40));
+    let (load, flushes) =
+        loadgen::spawn_write(&uri, &state, 16 * MIB, 0x9a27_17e0, Duration::from_secs(40));
 
     progress(a, &flushes, 10, "before the partition");
     // n2 loses everything: n1, n3, etcd and the test's own clients.
@@ -252,7 +207,7 @@ fn partitioned_replica_is_dropped_and_resynced_after_the_partition_heals() {
     );
     let mut last = Value::Null;
     let dropped = wait_until(Duration::from_secs(30), || {
-        last = show(a, "vm");
+        last = volume_show(a, "vm");
         replica_on(&last, "n2").is_some_and(|r| !replica_in_sync(r))
     });
     assert!(dropped, "n2 left the in-sync set: {last}");
@@ -269,7 +224,7 @@ fn partitioned_replica_is_dropped_and_resynced_after_the_partition_heals() {
     let t_heal = Instant::now();
     let mut last = Value::Null;
     let healed = wait_until(Duration::from_secs(90), || {
-        last = show(a, "vm");
+        last = volume_show(a, "vm");
         all_in_sync(&last, 2)
     });
     assert!(
@@ -291,9 +246,9 @@ fn partitioned_replica_is_dropped_and_resynced_after_the_partition_heals() {
         sum.error.is_none(),
         "the VM never lost its disk nor saw an error: {sum}"
     );
-    let s = show(a, "vm");
+    let s = volume_show(a, "vm");
     assert!(all_in_sync(&s, 2), "still in sync after the load: {s}");
-    verify_ok(&uri, &state);
+    loadgen::verify_ok(&uri, &state);
     let events = a.cli(&["events"]);
     for l in String::from_utf8_lossy(&events.stdout)
         .lines()
@@ -307,10 +262,4 @@ fn partitioned_replica_is_dropped_and_resynced_after_the_partition_heals() {
     if let Err(e) = same_files(&f1, &f2) {
         panic!("replicas differ after healing: {e}");
     }
-}
-
-/// The last `n` lines of `s`.
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

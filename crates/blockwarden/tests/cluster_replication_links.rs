@@ -17,15 +17,17 @@
 //! replica files are identical region by region.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use testkit::cluster::inspect::{mentions, replica_file, replica_states, same_files};
+use testkit::agent::tail;
+use testkit::cluster::inspect::{
+    all_in_sync, mentions, replica_file, replica_in_sync, replica_on, replica_states,
+    resync_regions, same_files, volume_show,
+};
 use testkit::cluster::lab::slow_link_available;
 use testkit::cluster::ClusterAgent;
-use testkit::loadgen::{self, VerifyOptions, WriteOptions, WriteSummary};
+use testkit::loadgen::{self};
 use testkit::{start_cluster, wait_until};
 
 const MIB: u64 = 1 << 20;
@@ -34,62 +36,7 @@ const VOLUME: &str = "64M";
 /// The load writes into the first 8 MiB: 8 regions are all a resync may ever copy.
 const LOAD_REGIONS: u64 = 8;
 
-fn show(a: &ClusterAgent, vol: &str) -> Value {
-    a.cli_json(&["volume", "show", vol])
-}
-
-/// The replica entry of `node` in `volume show`.
-fn replica_on<'a>(show: &'a Value, node: &str) -> Option<&'a Value> {
-    show["replica_set"]
-        .as_array()?
-        .iter()
-        .find(|r| r["node"].as_str() == Some(node))
-}
-
-fn replica_in_sync(r: &Value) -> bool {
-    r["in_sync"].as_bool() == Some(true) && r["state"].as_str() == Some("in_sync")
-}
-
-/// `n` replicas, every one of them in sync.
-fn all_in_sync(show: &Value, n: usize) -> bool {
-    show["replica_set"]
-        .as_array()
-        .is_some_and(|rs| rs.len() == n && rs.iter().all(replica_in_sync))
-}
-
-/// "resync of replica 2 on node n2 started (N regions)" → N, for every such event about
-/// the replica on `node`.
-fn resync_regions(events: &str, node: &str) -> Vec<u64> {
-    events
-        .lines()
-        .filter_map(|l| {
-            let (_, rest) = l.split_once(&format!("on node {node} started ("))?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .collect()
-}
-
-/// The last `n` lines of `s`.
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// The verifying load over the first [`LOAD_REGIONS`] MiB of `uri`, on its own thread.
-type Load = (JoinHandle<Result<WriteSummary, String>>, Arc<AtomicU64>);
-
-fn start_load(uri: &str, state: &std::path::Path, seed: u64, duration: Duration) -> Load {
-    let mut o = WriteOptions::new(uri, state);
-    o.blocks = Some(LOAD_REGIONS * MIB / 4096);
-    o.flush_every = 32;
-    o.queue_depth = 8;
-    o.seed = seed;
-    o.duration = duration;
-    let flushes = Arc::new(AtomicU64::new(0));
-    o.flushes_done = Some(flushes.clone());
-    (std::thread::spawn(move || loadgen::write(&o)), flushes)
-}
-
 /// Flushes per second over `window`.
 fn flush_rate(flushes: &AtomicU64, window: Duration) -> f64 {
     let (t, before) = (Instant::now(), flushes.load(Ordering::SeqCst));
@@ -118,17 +65,6 @@ fn progress(agents: &[&ClusterAgent], flushes: &AtomicU64, n: u64, within: Durat
         "{what}: the load made no progress in {within:?} ({} flushes, wanted {n})\n{logs}",
         flushes.load(Ordering::SeqCst)
     );
-}
-
-fn verify_ok(uri: &str, state: &std::path::Path) {
-    let rep = loadgen::verify(&VerifyOptions {
-        uri: uri.to_owned(),
-        state_path: state.to_owned(),
-    })
-    .expect("verify ran");
-    eprint!("{rep}");
-    assert!(rep.ok(), "flushed data lost:\n{rep}");
-    assert!(rep.durable_blocks > 0, "the test wrote something: {rep}");
 }
 
 /// The fault staged on the link between n1 and the slow node.
@@ -196,13 +132,13 @@ fn run(sc: &Scenario) {
         create.extend(["--node", r]);
     }
     a.cli_ok(&create);
-    let s = show(a, "vm");
+    let s = volume_show(a, "vm");
     assert!(all_in_sync(&s, n), "{n} replicas in sync: {s}");
     let id = s["id"].as_str().expect("volume id").to_owned();
     a.cli_ok(&["volume", "attach", "vm"]);
     let uri = a.nbd_uri("vm");
     let state = a.scratch_dir().join("links.state");
-    let (load, flushes) = start_load(&uri, &state, sc.seed, sc.load);
+    let (load, flushes) = loadgen::spawn_write(&uri, &state, LOAD_REGIONS * MIB, sc.seed, sc.load);
 
     progress(
         &agents,
@@ -234,7 +170,7 @@ fn run(sc: &Scenario) {
         Expect::Dropped => Duration::from_secs(40),
     };
     while t_fault.elapsed() < window {
-        last = show(a, "vm");
+        last = volume_show(a, "vm");
         for r in sc.replicas.iter().filter(|r| **r != slow) {
             if !replica_on(&last, r).is_some_and(replica_in_sync)
                 && !others_left.contains(&r.to_string())
@@ -321,7 +257,7 @@ fn run(sc: &Scenario) {
             // (reconnects and resync attempts over the slow link).
             let (mut last_count, mut last_change) = (from, Instant::now());
             while t.elapsed() < sc.hold {
-                let st = replica_on(&show(a, "vm"), slow)
+                let st = replica_on(&volume_show(a, "vm"), slow)
                     .map(|r| format!("{}", r["state"]))
                     .unwrap_or_default();
                 if seen.last() != Some(&st) {
@@ -340,7 +276,7 @@ fn run(sc: &Scenario) {
                 "flush rate after the drop, fault still on: {rate:.1}/s over {:?} (longest \
                  stretch without a flush: {longest_stall:?}): {:?}",
                 t.elapsed(),
-                replica_on(&show(a, "vm"), slow)
+                replica_on(&volume_show(a, "vm"), slow)
             );
             after_drop = Some(rate);
             // A held write waits for one replica request at most: a copy or write to the
@@ -387,7 +323,7 @@ fn run(sc: &Scenario) {
     let mut resync_totals: Vec<u64> = Vec::new();
     let mut last = Value::Null;
     let healed = wait_until(Duration::from_secs(60), || {
-        last = show(a, "vm");
+        last = volume_show(a, "vm");
         if let Some(t) = replica_on(&last, slow).and_then(|r| r["resync"]["total_bytes"].as_u64()) {
             resync_totals.push(t);
         }
@@ -419,9 +355,9 @@ fn run(sc: &Scenario) {
         sum.error.is_none(),
         "the VM never lost its disk nor saw an error: {sum}"
     );
-    let s = show(a, "vm");
+    let s = volume_show(a, "vm");
     assert!(all_in_sync(&s, n), "still in sync after the load: {s}");
-    verify_ok(&uri, &state);
+    loadgen::verify_ok(&uri, &state);
 
     // Resync counters: a dropped replica was resynced, and no resync (including attempts the
     // slow link cut short) ever covered more than the loaded regions.
@@ -429,7 +365,7 @@ fn run(sc: &Scenario) {
     for l in events.lines().filter(|l| mentions(l, slow)) {
         eprintln!("  event: {l}");
     }
-    let regions = resync_regions(&events, slow);
+    let regions = resync_regions(&events, Some(slow));
     let left = events
         .lines()
         .any(|l| l.contains(&format!("on node {slow} left the in-sync set")));
@@ -467,7 +403,7 @@ fn run(sc: &Scenario) {
     );
     for r in sc.replicas.iter().filter(|r| **r != slow) {
         assert!(
-            resync_regions(&events, r).is_empty(),
+            resync_regions(&events, Some(r)).is_empty(),
             "only the slowed replica was resynced; {r} was too:\n{events}"
         );
     }

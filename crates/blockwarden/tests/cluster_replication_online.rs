@@ -14,27 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use testkit::cluster::inspect::{replica_file, replica_states, same_files};
-use testkit::cluster::ClusterAgent;
+use testkit::agent::tail;
+use testkit::cluster::inspect::{
+    all_in_sync, replica_file, replica_states, same_files, volume_show,
+};
 use testkit::loadgen::{self, VerifyOptions, WriteOptions};
 use testkit::{start_cluster, wait_until};
 
 const MIB: u64 = 1 << 20;
-
-fn show(a: &ClusterAgent, vol: &str) -> Value {
-    a.cli_json(&["volume", "show", vol])
-}
-
-fn all_in_sync(show: &Value, n: usize) -> bool {
-    let states = replica_states(show);
-    states.len() == n && states.iter().all(|(_, s)| s == "in_sync")
-}
-
-/// The last `n` lines of `s`.
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 #[test]
 fn add_replica_to_a_one_replica_volume_in_use_switches_to_replication_online() {
@@ -53,7 +40,10 @@ fn add_replica_to_a_one_replica_volume_in_use_switches_to_replication_online() {
         "--node",
         "n1",
     ]);
-    let id = show(a, "vm")["id"].as_str().expect("volume id").to_owned();
+    let id = volume_show(a, "vm")["id"]
+        .as_str()
+        .expect("volume id")
+        .to_owned();
     a.cli_ok(&["volume", "attach", "vm"]);
     let uri = a.nbd_uri("vm");
     let state = a.scratch_dir().join("online.state");
@@ -82,7 +72,7 @@ fn add_replica_to_a_one_replica_volume_in_use_switches_to_replication_online() {
     eprintln!("add-replica: {}", out.trim());
     let mut last = Value::Null;
     let synced = wait_until(Duration::from_secs(60), || {
-        last = show(a, "vm");
+        last = volume_show(a, "vm");
         all_in_sync(&last, 2)
     });
     assert!(
@@ -126,7 +116,7 @@ fn add_replica_to_a_one_replica_volume_in_use_switches_to_replication_online() {
     eprint!("{rep}");
     assert!(rep.ok(), "flushed data lost:\n{rep}");
     assert!(rep.durable_blocks > 0, "the test wrote something: {rep}");
-    assert!(all_in_sync(&show(a, "vm"), 2));
+    assert!(all_in_sync(&volume_show(a, "vm"), 2));
 
     a.cli_ok(&["volume", "detach", "vm"]);
     let (f1, f2) = (replica_file(a, &id), replica_file(c.agent("n2"), &id));
@@ -150,7 +140,10 @@ fn replica_added_after_a_removal_gets_a_fresh_id_and_is_filled() {
     a.cli_ok(&[
         "volume", "create", "vm", "--size", "16M", "--node", "n1", "--node", "n2",
     ]);
-    let id = show(a, "vm")["id"].as_str().expect("volume id").to_owned();
+    let id = volume_show(a, "vm")["id"]
+        .as_str()
+        .expect("volume id")
+        .to_owned();
     a.cli_ok(&["volume", "attach", "vm"]);
     let uri = a.nbd_uri("vm");
     let state = a.scratch_dir().join("readd.state");
@@ -166,7 +159,7 @@ fn replica_added_after_a_removal_gets_a_fresh_id_and_is_filled() {
     a.cli_ok(&["volume", "add-replica", "vm", "--node", "n3"]);
     let mut last = Value::Null;
     let synced = wait_until(Duration::from_secs(60), || {
-        last = show(a, "vm");
+        last = volume_show(a, "vm");
         replica_states(&last)
             == [
                 ("n1".to_owned(), "in_sync".to_owned()),

@@ -17,16 +17,18 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use testkit::cluster::inspect::{replica_file, replica_states, same_files};
-use testkit::cluster::{Cluster, ClusterAgent};
+use testkit::agent::tail;
+use testkit::cluster::inspect::{
+    all_in_sync, metric, replica_file, replica_in_sync, replica_on, replica_states, resync_regions,
+    same_files, volume_show,
+};
+use testkit::cluster::Cluster;
 use testkit::cmd::run_ok;
-use testkit::e2e::Cleanup;
-use testkit::loadgen::{self, VerifyOptions, WriteOptions, WriteSummary};
+use testkit::e2e::{losetup, Cleanup};
+use testkit::loadgen::{self};
 use testkit::{require_root, require_tool, start_cluster, wait_until};
 
 const MIB: u64 = 1 << 20;
@@ -35,56 +37,6 @@ const T: Duration = Duration::from_secs(60);
 const POOL_BYTES: u64 = 96 * MIB;
 /// Regions (1 MiB) the load can touch.
 const LOAD_REGIONS: u64 = 16;
-
-fn show(a: &ClusterAgent, vol: &str) -> Value {
-    a.cli_json(&["volume", "show", vol])
-}
-
-fn replica_on<'a>(show: &'a Value, node: &str) -> Option<&'a Value> {
-    show["replica_set"]
-        .as_array()?
-        .iter()
-        .find(|r| r["node"].as_str() == Some(node))
-}
-
-fn replica_in_sync(r: &Value) -> bool {
-    r["in_sync"].as_bool() == Some(true) && r["state"].as_str() == Some("in_sync")
-}
-
-fn all_in_sync(show: &Value, n: usize) -> bool {
-    show["replica_set"]
-        .as_array()
-        .is_some_and(|rs| rs.len() == n && rs.iter().all(replica_in_sync))
-}
-
-/// "resync of replica 2 on node n2 started (N regions)" → N, for every such event.
-fn resync_regions(events: &str) -> Vec<u64> {
-    events
-        .lines()
-        .filter(|l| l.contains("resync") && l.contains("started"))
-        .filter_map(|l| {
-            let (_, rest) = l.split_once("started (")?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .collect()
-}
-
-/// The value of the metric line `name{labels}` in n1's `/metrics`.
-fn metric(a: &ClusterAgent, name: &str, labels: &str) -> Option<f64> {
-    let r = testkit::http::request(a.api_addr(), "GET", "/metrics", None).expect("GET /metrics");
-    assert_eq!(r.status, 200, "{}", r.body);
-    let key = format!("{name}{{{labels}}} ");
-    r.body
-        .lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// The last `n` lines of `s`.
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 /// Free bytes of the file system holding `path` (`df`).
 fn free_bytes(path: &Path) -> u64 {
@@ -125,14 +77,7 @@ fn small_pool(c: &mut Cluster, name: &str) -> Cleanup {
             .arg(&image),
         T,
     );
-    let dev = run_ok(
-        Command::new("losetup").args(["-f", "--show"]).arg(&image),
-        T,
-    )
-    .trim()
-    .to_owned();
-    assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-    cleanup.push_cmd("losetup", &["-d", &dev]);
+    let dev = losetup(&image, &mut cleanup);
     let staging = scratch.join("pool-staging");
     std::fs::create_dir_all(&staging).unwrap();
     run_ok(Command::new("mount").arg(&dev).arg(&staging), T);
@@ -195,20 +140,6 @@ fn fill(dir: &Path, leave: u64) -> PathBuf {
     filler
 }
 
-type Load = (JoinHandle<Result<WriteSummary, String>>, Arc<AtomicU64>);
-
-fn start_load(uri: &str, state: &Path, seed: u64, duration: Duration) -> Load {
-    let mut o = WriteOptions::new(uri, state);
-    o.blocks = Some(LOAD_REGIONS * MIB / 4096);
-    o.flush_every = 32;
-    o.queue_depth = 8;
-    o.seed = seed;
-    o.duration = duration;
-    let flushes = Arc::new(AtomicU64::new(0));
-    o.flushes_done = Some(flushes.clone());
-    (std::thread::spawn(move || loadgen::write(&o)), flushes)
-}
-
 #[track_caller]
 fn progress(c: &Cluster, flushes: &AtomicU64, n: u64, what: &str) {
     assert!(
@@ -242,7 +173,7 @@ fn scenario(c: &Cluster, full: &str, seed: u64) {
     a.cli_ok(&[
         "volume", "create", "vm", "--size", "32M", "--node", "n1", "--node", "n2",
     ]);
-    let s = show(a, "vm");
+    let s = volume_show(a, "vm");
     assert_eq!(
         replica_states(&s),
         [
@@ -255,7 +186,13 @@ fn scenario(c: &Cluster, full: &str, seed: u64) {
     a.cli_ok(&["volume", "attach", "vm"]);
     let uri = a.nbd_uri("vm");
     let state = a.scratch_dir().join("pool.state");
-    let (load, flushes) = start_load(&uri, &state, seed, Duration::from_secs(40));
+    let (load, flushes) = loadgen::spawn_write(
+        &uri,
+        &state,
+        LOAD_REGIONS * MIB,
+        seed,
+        Duration::from_secs(40),
+    );
 
     progress(c, &flushes, 10, "before the pool fills");
     let data = c.agent(full).data_dir();
@@ -266,7 +203,7 @@ fn scenario(c: &Cluster, full: &str, seed: u64) {
     // load goes on with the other one.
     let mut last = Value::Null;
     let dropped = wait_until(Duration::from_secs(30), || {
-        last = show(a, "vm");
+        last = volume_show(a, "vm");
         replica_on(&last, full).is_some_and(|r| !replica_in_sync(r))
     });
     assert!(
@@ -295,7 +232,7 @@ fn scenario(c: &Cluster, full: &str, seed: u64) {
     // While the pool stays full the replica keeps failing its resync: it must not be
     // reported in sync, and the agent must stay up.
     std::thread::sleep(Duration::from_secs(3));
-    let s = show(a, "vm");
+    let s = volume_show(a, "vm");
     assert!(
         replica_on(&s, full).is_some_and(|r| !replica_in_sync(r)),
         "{full} cannot be in sync while its pool is full: {s}"
@@ -351,7 +288,7 @@ fn scenario(c: &Cluster, full: &str, seed: u64) {
     );
     let mut last = Value::Null;
     let healed = wait_until(Duration::from_secs(60), || {
-        last = show(a, "vm");
+        last = volume_show(a, "vm");
         all_in_sync(&last, 2)
     });
     assert!(
@@ -379,17 +316,10 @@ fn scenario(c: &Cluster, full: &str, seed: u64) {
         sum.error.is_none(),
         "the VM never lost its disk nor saw an error: {sum}"
     );
-    let rep = loadgen::verify(&VerifyOptions {
-        uri: uri.clone(),
-        state_path: state,
-    })
-    .expect("verify ran");
-    eprint!("{rep}");
-    assert!(rep.ok(), "flushed data lost:\n{rep}");
-    assert!(rep.durable_blocks > 0, "the test wrote something: {rep}");
+    loadgen::verify_ok(&uri, &state);
 
     let events = a.cli_ok(&["events"]);
-    let regions = resync_regions(&events);
+    let regions = resync_regions(&events, None);
     eprintln!("resyncs (regions): {regions:?}");
     assert!(!regions.is_empty(), "a resync ran:\n{events}");
     assert!(

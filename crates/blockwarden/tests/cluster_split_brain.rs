@@ -51,6 +51,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use testkit::agent::tail;
 use testkit::cluster::inspect::{attachment, mentions, replica_file, same_files};
 use testkit::cluster::writer::{decode, encode, Ack, TimedWriter, WriterReport, BLOCK};
 use testkit::cluster::{
@@ -335,11 +336,6 @@ fn vm_events(log: &str) -> String {
         .filter(|l| l.contains(" event: ") && l.contains("[vm]"))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 // ---------------------------------------------------------------------------------------

@@ -5,14 +5,13 @@
 //! released by a Cleanup guard, also when the test fails.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use testkit::cmd::{describe, run_ok, run_with_timeout};
-use testkit::e2e::Cleanup;
+use testkit::e2e::{losetup, mount, nbdfuse, Cleanup};
 use testkit::rng::SplitMix64;
-use testkit::{require_root, require_tool, start_agent, wait_until, Agent};
+use testkit::{require_root, require_tool, start_agent};
 
 const T: Duration = Duration::from_secs(120);
 const SEED: u64 = 0xe474;
@@ -48,65 +47,6 @@ fn content(path: &Path, size: usize) -> Vec<u8> {
     buf
 }
 
-/// nbdfuse on `mnt` for `uri`, registered for cleanup; returns the path of the exposed file.
-fn nbdfuse(agent: &Agent, mnt: &Path, uri: &str, cleanup: &mut Cleanup) -> PathBuf {
-    std::fs::create_dir_all(mnt).unwrap();
-    let pidfile = agent.scratch_dir().join("nbdfuse.pid");
-    let _ = std::fs::remove_file(&pidfile);
-    let child: Child = Command::new("nbdfuse")
-        .arg("-P")
-        .arg(&pidfile)
-        .arg(mnt)
-        .arg(uri)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn nbdfuse");
-    let child = Arc::new(Mutex::new(child));
-    let (c, m) = (child.clone(), mnt.to_path_buf());
-    cleanup.push(format!("unmount nbdfuse {}", mnt.display()), move || {
-        let _ = run_with_timeout(
-            Command::new("fusermount3").arg("-u").arg(&m),
-            Duration::from_secs(30),
-        );
-        let mut c = c.lock().unwrap();
-        if !wait_until(Duration::from_secs(10), || {
-            matches!(c.try_wait(), Ok(Some(_)))
-        }) {
-            let _ = c.kill();
-            let _ = c.wait();
-            let _ = run_with_timeout(
-                Command::new("umount").arg("-l").arg(&m),
-                Duration::from_secs(30),
-            );
-        }
-    });
-    let file = mnt.join("nbd");
-    assert!(
-        wait_until(Duration::from_secs(30), || pidfile.exists()
-            && file.exists()),
-        "nbdfuse did not mount {} within 30 s",
-        mnt.display()
-    );
-    file
-}
-
-/// A loop device on `file`, registered for cleanup.
-fn losetup(file: &Path, cleanup: &mut Cleanup) -> String {
-    let dev = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(file), T)
-        .trim()
-        .to_owned();
-    assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-    cleanup.push_cmd("losetup", &["-d", &dev]);
-    dev
-}
-
-fn mount(dev: &str, mnt: &Path, cleanup: &mut Cleanup) {
-    std::fs::create_dir_all(mnt).unwrap();
-    run_ok(Command::new("mount").arg(dev).arg(mnt), T);
-    let m = mnt.to_string_lossy().into_owned();
-    cleanup.push_cmd("umount", &["-l", &m]);
-}
-
 #[test]
 fn ext4_via_nbdfuse_and_loop_survives_umount_fsck_and_remount() {
     if !require_root()
@@ -132,11 +72,11 @@ fn ext4_via_nbdfuse_and_loop_survives_umount_fsck_and_remount() {
 
     {
         let mut cleanup = Cleanup::new();
-        let file = nbdfuse(&agent, &fuse_dir, &uri, &mut cleanup);
+        let file = nbdfuse(&scratch, &fuse_dir, &uri, &mut cleanup);
         assert_eq!(std::fs::metadata(&file).unwrap().len(), 256 << 20);
         let dev = losetup(&file, &mut cleanup);
         run_ok(Command::new("mkfs.ext4").args(["-F", "-q", &dev]), T);
-        mount(&dev, &mnt, &mut cleanup);
+        mount(&dev, &mnt, &[], &mut cleanup);
         for (rel, size) in tree() {
             let p = mnt.join(&rel);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -156,9 +96,9 @@ fn ext4_via_nbdfuse_and_loop_survives_umount_fsck_and_remount() {
     }
 
     let mut cleanup = Cleanup::new();
-    let file = nbdfuse(&agent, &fuse_dir, &uri, &mut cleanup);
+    let file = nbdfuse(&scratch, &fuse_dir, &uri, &mut cleanup);
     let dev = losetup(&file, &mut cleanup);
-    mount(&dev, &mnt, &mut cleanup);
+    mount(&dev, &mnt, &[], &mut cleanup);
     let mut checked = 0;
     for (rel, size) in tree() {
         let got =

@@ -2,8 +2,9 @@
 //! making test files, checksums, and cleanup guards for mounts and devices.
 
 use std::io::Write;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::cmd::run_ok;
@@ -112,4 +113,76 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         self.run();
     }
+}
+
+/// Deadline of the mount and loop commands below.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// nbdfuse on `mnt` for `uri` (its pid file in `scratch`), registered for cleanup
+/// (`fusermount3 -u`, then kill and lazy unmount if it does not exit); returns the path of
+/// the exposed file.
+pub fn nbdfuse(scratch: &Path, mnt: &Path, uri: &str, cleanup: &mut Cleanup) -> PathBuf {
+    std::fs::create_dir_all(mnt).unwrap();
+    let pidfile = scratch.join("nbdfuse.pid");
+    let _ = std::fs::remove_file(&pidfile);
+    let child = Command::new("nbdfuse")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(mnt)
+        .arg(uri)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn nbdfuse");
+    let child = Arc::new(Mutex::new(child));
+    let (c, m) = (child.clone(), mnt.to_path_buf());
+    cleanup.push(format!("unmount nbdfuse {}", mnt.display()), move || {
+        let _ = crate::cmd::run_with_timeout(
+            Command::new("fusermount3").arg("-u").arg(&m),
+            Duration::from_secs(30),
+        );
+        let mut c = c.lock().unwrap();
+        if !crate::wait_until(Duration::from_secs(10), || {
+            matches!(c.try_wait(), Ok(Some(_)))
+        }) {
+            let _ = c.kill();
+            let _ = c.wait();
+            let _ = crate::cmd::run_with_timeout(
+                Command::new("umount").arg("-l").arg(&m),
+                Duration::from_secs(30),
+            );
+        }
+    });
+    let file = mnt.join("nbd");
+    assert!(
+        crate::wait_until(Duration::from_secs(30), || pidfile.exists()
+            && file.exists()),
+        "nbdfuse did not mount {} within 30 s",
+        mnt.display()
+    );
+    file
+}
+
+/// A loop device on `file`, registered for cleanup (`losetup -d`).
+pub fn losetup(file: &Path, cleanup: &mut Cleanup) -> String {
+    let dev = run_ok(
+        Command::new("losetup").args(["-f", "--show"]).arg(file),
+        MOUNT_TIMEOUT,
+    )
+    .trim()
+    .to_owned();
+    assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+    cleanup.push_cmd("losetup", &["-d", &dev]);
+    dev
+}
+
+/// Mounts `dev` on `mnt` with extra `mount` arguments `opts`, registered for cleanup (lazy
+/// unmount).
+pub fn mount(dev: &str, mnt: &Path, opts: &[&str], cleanup: &mut Cleanup) {
+    std::fs::create_dir_all(mnt).unwrap();
+    run_ok(
+        Command::new("mount").args(opts).arg(dev).arg(mnt),
+        MOUNT_TIMEOUT,
+    );
+    let m = mnt.to_string_lossy().into_owned();
+    cleanup.push_cmd("umount", &["-l", &m]);
 }

@@ -166,6 +166,61 @@ pub fn replica_states(show: &Value) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+/// `volume show NAME -o json` through `agent`'s API.
+pub fn volume_show(agent: &ClusterAgent, volume: &str) -> Value {
+    agent.cli_json(&["volume", "show", volume])
+}
+
+/// The `replica_set` entry of `node` in `volume show`.
+pub fn replica_on<'a>(show: &'a Value, node: &str) -> Option<&'a Value> {
+    show["replica_set"]
+        .as_array()?
+        .iter()
+        .find(|r| r["node"].as_str() == Some(node))
+}
+
+/// A `replica_set` entry that is in sync (flag and state agree).
+pub fn replica_in_sync(r: &Value) -> bool {
+    r["in_sync"].as_bool() == Some(true) && r["state"].as_str() == Some("in_sync")
+}
+
+/// Exactly `n` replicas, every one of them in sync.
+pub fn all_in_sync(show: &Value, n: usize) -> bool {
+    show["replica_set"]
+        .as_array()
+        .is_some_and(|rs| rs.len() == n && rs.iter().all(replica_in_sync))
+}
+
+/// The region counts of the `resync.started` events in `blockwarden events` text ("resync
+/// of replica 2 on node n2 started (N regions)" → N), of every replica or only of those on
+/// `node`.
+pub fn resync_regions(events: &str, node: Option<&str>) -> Vec<u64> {
+    let on = node.map(|n| format!("on node {n} started ("));
+    events
+        .lines()
+        .filter(|l| l.contains("resync") && l.contains("started ("))
+        .filter(|l| on.as_deref().is_none_or(|on| l.contains(on)))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("started (")?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// The value of the Prometheus line `name{labels}` in `agent`'s `/metrics` (`None` when
+/// the series is absent or the request failed).
+pub fn metric(agent: &ClusterAgent, name: &str, labels: &str) -> Option<f64> {
+    let r = crate::http::request(agent.api_addr(), "GET", "/metrics", None).ok()?;
+    if r.status != 200 {
+        return None;
+    }
+    let key = format!("{name}{{{labels}}} ");
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The replica file of volume `id` on `agent`'s node (`<data dir>/volumes/<id>.img`).
 pub fn replica_file(agent: &ClusterAgent, id: &str) -> std::path::PathBuf {
     agent.data_dir().join("volumes").join(format!("{id}.img"))
@@ -196,6 +251,21 @@ pub fn same_files(a: &std::path::Path, b: &std::path::Path) -> Result<(), String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resync_regions_reads_started_events_of_all_or_one_node() {
+        let ev = "t INFO resync.started node=n1 volume=vm volume vm: resync of replica 2 on node n2 started (8 regions)\n\
+                  t INFO resync.finished node=n1 volume=vm volume vm: resync of replica 2 on node n2 finished\n\
+                  t INFO resync.started node=n1 volume=vm volume vm: resync of replica 3 on node n3 started (5 regions)";
+        assert_eq!(resync_regions(ev, None), [8, 5]);
+        assert_eq!(resync_regions(ev, Some("n3")), [5]);
+        let show = serde_json::json!({"replica_set": [
+            {"node": "n1", "state": "in_sync", "in_sync": true},
+            {"node": "n2", "state": "resyncing", "in_sync": false}]});
+        assert!(!all_in_sync(&show, 2));
+        assert!(replica_on(&show, "n1").is_some_and(replica_in_sync));
+        assert!(replica_on(&show, "n3").is_none());
+    }
 
     #[test]
     fn mentions_matches_whole_words_only() {
