@@ -16,8 +16,9 @@
 //!   every path, peer protocol and local ([`ReplicaDevice`]) alike; plus a session floor
 //!   per generation, so a newer session of one attachment fences its older sessions.
 //! - [`repl_meta`]: the replica's replication-metadata area (`<volume file>.repl`), one
-//!   opaque blob written durably and fenced like data ([`Replica::write_repl_meta`]).
-//! - `meta_file`, `crc`: atomic replacement of those small files and their checksum.
+//!   opaque blob written durably in place (two slots) and fenced like data
+//!   ([`Replica::write_repl_meta`]).
+//! - `meta_file`, `crc`: atomic replacement of the generation record, and checksums.
 //! - `files`: crash-safe primitives for volume files ([`create_volume_file`],
 //!   [`grow_volume_file`], [`remove_volume_file`], [`fsync_dir`]).
 //!

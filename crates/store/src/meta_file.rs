@@ -1,7 +1,7 @@
-//! The small files next to a volume file that a [`crate::Replica`] keeps: the generation
-//! record (`<volume file>.meta`, format in `replica.rs`) and the replication metadata
-//! (`<volume file>.repl`, format in `repl_meta.rs`). Both are replaced atomically with
-//! [`replace_file`]: temporary file, fsync, rename over the old file, fsync of the directory.
+//! The generation record next to a volume file (`<volume file>.meta`, format in
+//! `replica.rs`), replaced atomically with [`replace_file`]: temporary file, fsync, rename
+//! over the old file, fsync of the directory. (The replication metadata, `<volume
+//! file>.repl`, is written in place into two slots instead: `repl_meta.rs`.)
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};

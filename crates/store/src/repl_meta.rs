@@ -4,46 +4,60 @@
 //! it back from any replica that was in sync.
 //!
 //! **File** `<volume file>.repl` ([`default_repl_meta_path`]), next to the generation
-//! record `<volume file>.meta`; big-endian:
+//! record `<volume file>.meta`. It holds two *slots*, at offset 0 and at
+//! [`REPL_META_SLOT_SPAN`] (the file is sparse: only the bytes written take space). A
+//! write goes to the slot that does *not* hold the newest blob, in place: one `pwrite` of
+//! header and blob, one `fdatasync`. No temporary file, no rename, no directory fsync: the
+//! driver writes this blob before the first write to every new activity-log region, so its
+//! cost is on the write path (see docs/design/storage.md). Slot format, big-endian:
 //!
 //! ```text
 //! 0   8  magic "BWREPLM\n"
-//! 8   4  format version (1)
-//! 12  4  reserved, zero
+//! 8   4  format version (2)
+//! 12  4  slot index (0 or 1)
 //! 16  8  generation of the writer
 //! 24  8  session of the writer
-//! 32  8  blob length N (≤ MAX_REPL_META_BYTES)
-//! 40  4  CRC-32C of bytes 0..40 followed by the blob
-//! 44  4  reserved, zero
-//! 48  N  the blob
+//! 32  8  counter: one more than the newest slot's when written
+//! 40  8  blob length N (≤ MAX_REPL_META_BYTES)
+//! 48  4  CRC-32C of bytes 0..48 followed by the blob
+//! 52 12  reserved, zero
+//! 64  N  the blob
 //! ```
 //!
-//! The writer's generation and session are for forensics (which attachment wrote what);
-//! the driver only sees the blob.
+//! **Read** ([`Replica::read_repl_meta`]): the valid slot with the higher counter. A slot
+//! that was never written (short or an all-zero header) is empty; both empty → `None`. A
+//! damaged slot next to a valid one is what a crash during a write leaves (a torn write,
+//! never acknowledged), so the valid one is the truth. No valid slot but a damaged one →
+//! `ReplicaError::MetaCorrupt`: the driver must not guess its dirty regions.
 //!
 //! **Write** ([`Replica::write_repl_meta`]): refused if `(generation, session)` is below the
 //! replica's fence and session floor (the same check as a data request, counted in flight so
-//! a newer session's admission waits for it), serialised by a mutex, then replaced
-//! atomically: `.<name>.repl.tmp`, `fsync`, `rename`, `fsync` of the directory.
+//! a newer session's admission waits for it), serialised by a mutex. The writer remembers
+//! which slot holds the newest durable blob and never overwrites it:
 //!
-//! | crash or failure after | the file holds | why it is safe |
+//! | crash or failure during or after | the file holds | why it is safe |
 //! |---|---|---|
-//! | temp file written or synced | the old blob; the temp file is deleted by `Replica::open` and `remove_temp_files` | the write was never acknowledged |
-//! | `rename`, before the directory fsync | old or new | not acknowledged yet; the driver rewrites or treats the replica as failed |
-//! | a failed `write`/`fsync` of the temp file | the old blob (temp removed) | `ReplMetaError::Io`, never retried as if it worked |
-//! | a failed directory fsync | old or new, unknown | `ReplMetaError::Io`: the driver must treat the replica as failed (fail-stop) |
+//! | the `pwrite` (torn) | the old blob in the other slot, this slot invalid | the write was never acknowledged |
+//! | the `pwrite`, before the `fdatasync` | the old blob, or the new one if it reached the disk | not acknowledged; either is a blob the driver wrote in order |
+//! | a failed `pwrite` or `fdatasync` | the old blob in the other slot | `ReplMetaError::Io`, never retried as if it worked; the next write goes to the same (failed) slot again, never to the one holding the last durable blob |
 //!
-//! A corrupt file (magic, version, length, checksum) makes [`Replica::read_repl_meta`]
-//! fail with `ReplicaError::MetaCorrupt`: the driver must not guess its dirty regions.
+//! Format version 1 (one blob, 48-byte header, replaced through a temporary file) is still
+//! read from slot 0 as counter 0, so a replica written by an older build keeps its blob;
+//! the first write goes to slot 1.
+//!
+//! The cost of two slots: a damaged *newest* slot (bit rot after it was acknowledged) is
+//! indistinguishable from a torn write and reads as the older blob. The blob is kept on
+//! every replica and the checksum catches the damage, so this takes a second fault.
 
-use std::fs::File;
-use std::io::{self, Read};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bw_types::Generation;
 
 use crate::crc::{crc32c_update, CRC_INIT};
-use crate::meta_file::{io_err, replace_file, StopAfter};
+use crate::meta_file::{fsync_parent, io_err};
 use crate::replica::{Fenced, Replica, ReplicaError, META_SUFFIX};
 
 /// Suffix of the replication-metadata file next to a volume file
@@ -56,11 +70,18 @@ pub const REPL_META_SUFFIX: &str = ".repl";
 /// four bitmaps and still fits a single peer-protocol frame.
 pub const MAX_REPL_META_BYTES: usize = 16 << 20;
 
-/// Size of the file's header before the blob.
-pub const REPL_META_HEADER_LEN: usize = 48;
+/// Size of a slot's header before the blob.
+pub const REPL_META_HEADER_LEN: usize = 64;
+
+/// Offset of slot 1: room for the largest header and blob, rounded up to 4 KiB.
+pub const REPL_META_SLOT_SPAN: u64 =
+    ((REPL_META_HEADER_LEN + MAX_REPL_META_BYTES) as u64).div_ceil(4096) * 4096;
 
 const REPL_MAGIC: [u8; 8] = *b"BWREPLM\n";
-const REPL_VERSION: u32 = 1;
+const REPL_VERSION: u32 = 2;
+/// The whole-file format of older builds, read from slot 0 only.
+const REPL_VERSION_1: u32 = 1;
+const V1_HEADER_LEN: usize = 48;
 
 /// The path of a volume file's replication metadata: `<volume file>.repl`.
 pub fn default_repl_meta_path(volume_path: &Path) -> PathBuf {
@@ -92,9 +113,9 @@ pub enum ReplMetaError {
     Fenced { highest: Generation },
     #[error("replication metadata of {len} bytes exceeds the limit of {max} bytes")]
     TooLarge { len: usize, max: usize },
-    /// The write (or one of its fsyncs) failed. The file holds the old blob, or after a
-    /// failed directory fsync the old or the new one; the caller must treat the replica as
-    /// failed, never retry as if the write had worked.
+    /// The write (or its fdatasync) failed. The file still holds the previous blob in the
+    /// other slot; the caller must treat the replica as failed, never retry as if the
+    /// write had worked.
     #[error("cannot write the replication metadata")]
     Io(#[source] ReplicaError),
 }
@@ -105,14 +126,31 @@ impl From<Fenced> for ReplMetaError {
     }
 }
 
+/// The writer's side of the file, under [`Replica`]'s `repl_lock`.
+#[derive(Debug, Default)]
+pub(crate) struct ReplSlots {
+    /// Open for writing after the first write.
+    file: Option<File>,
+    /// The slot holding the newest durable blob and its counter, once the file was read.
+    newest: Option<Option<(u64, u64)>>,
+}
+
+/// A fault injected into a slot write (tests only): stop after `keep` bytes of the
+/// `pwrite` as a crash would, or fail the `pwrite` with an I/O error after them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotFault {
+    Crash { keep: usize },
+    Fail { keep: usize },
+}
+
 impl Replica {
     /// Where this replica keeps its replication metadata.
     pub fn repl_meta_path(&self) -> &Path {
         &self.repl_path
     }
 
-    /// Replaces the replication metadata with `bytes`, durably, if `(generation, session)`
-    /// is not fenced; see the module docs. Blocks (file write and two fsyncs): async
+    /// Writes `bytes` as the replication metadata, durably, if `(generation, session)` is
+    /// not fenced; see the module docs. Blocks (one `pwrite`, one `fdatasync`): async
     /// callers run it on a blocking thread. Concurrent calls are serialised; the one that
     /// takes the lock last wins.
     pub fn write_repl_meta(
@@ -121,15 +159,15 @@ impl Replica {
         session: u64,
         bytes: &[u8],
     ) -> Result<(), ReplMetaError> {
-        self.write_repl_meta_stopping(generation, session, bytes, None)
+        self.write_repl_meta_faulty(generation, session, bytes, None)
     }
 
-    pub(crate) fn write_repl_meta_stopping(
+    pub(crate) fn write_repl_meta_faulty(
         &self,
         generation: Generation,
         session: u64,
         bytes: &[u8],
-        stop: Option<StopAfter>,
+        fault: Option<SlotFault>,
     ) -> Result<(), ReplMetaError> {
         if bytes.len() > MAX_REPL_META_BYTES {
             return Err(ReplMetaError::TooLarge {
@@ -137,81 +175,216 @@ impl Replica {
                 max: MAX_REPL_META_BYTES,
             });
         }
-        let _serial = self.repl_lock.lock().unwrap();
+        let mut slots = self.repl_lock.lock().unwrap();
         // Checked under the lock and counted in flight for the whole write, so an
         // `admit_session` of a newer session waits for it to finish.
         let _entered = self
             .enter_session(generation, session)
             .map_err(ReplMetaError::from)?;
-        let header = encode_header(generation, session, bytes);
-        replace_file(&self.repl_path, &[&header, bytes], stop).map_err(ReplMetaError::Io)
+        let path = &self.repl_path;
+        if slots.file.is_none() {
+            let existed = path.exists();
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| ReplMetaError::Io(io_err("open", path)(e)))?;
+            if !existed {
+                // The file's name must survive a crash before the first blob is trusted.
+                fsync_parent(path).map_err(ReplMetaError::Io)?;
+            }
+            slots.file = Some(f);
+        }
+        let newest = match slots.newest {
+            Some(n) => n,
+            None => {
+                // The newest valid slot, whatever else the file holds: a damaged slot is
+                // overwritten, a valid one never.
+                let file = slots.file.as_ref().expect("opened above");
+                let n = read_slots(file, path).map_err(ReplMetaError::Io)?.newest();
+                slots.newest = Some(n);
+                n
+            }
+        };
+        let file = slots.file.as_ref().expect("opened above");
+        let (slot, counter) = match newest {
+            Some((s, c)) => (1 - s, c + 1),
+            None => (0, 1),
+        };
+        let mut buf = Vec::with_capacity(REPL_META_HEADER_LEN + bytes.len());
+        buf.extend_from_slice(&encode_header(slot, generation, session, counter, bytes));
+        buf.extend_from_slice(bytes);
+        let offset = slot * REPL_META_SLOT_SPAN;
+        let io = |action| move |e| ReplMetaError::Io(io_err(action, path)(e));
+        match fault {
+            None => file.write_all_at(&buf, offset).map_err(io("write"))?,
+            Some(SlotFault::Crash { keep }) => {
+                file.write_all_at(&buf[..keep], offset)
+                    .map_err(io("write"))?;
+                return Ok(());
+            }
+            Some(SlotFault::Fail { keep }) => {
+                file.write_all_at(&buf[..keep], offset)
+                    .map_err(io("write"))?;
+                return Err(io("write")(io::Error::other("injected write failure")));
+            }
+        }
+        // Never retried: a failed fdatasync may have dropped the dirty pages (fail-stop).
+        file.sync_data().map_err(io("fdatasync"))?;
+        slots.newest = Some(Some((slot, counter)));
+        Ok(())
     }
 
     /// The replication metadata last written, or `None` if it was never written.
     pub fn read_repl_meta(&self) -> Result<Option<Vec<u8>>, ReplicaError> {
-        read_repl_file(&self.repl_path)
+        let _slots = self.repl_lock.lock().unwrap();
+        let f = match File::open(&self.repl_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", &self.repl_path)(e)),
+        };
+        read_slots(&f, &self.repl_path)?.into_blob(&self.repl_path)
     }
 }
 
-fn encode_header(generation: Generation, session: u64, blob: &[u8]) -> [u8; REPL_META_HEADER_LEN] {
+/// What one slot holds.
+#[derive(Debug)]
+enum Slot {
+    Empty,
+    Valid { counter: u64, blob: Vec<u8> },
+    Damaged(String),
+}
+
+struct Slots([Slot; 2]);
+
+impl Slots {
+    fn newest(&self) -> Option<(u64, u64)> {
+        let mut best = None;
+        for (i, s) in self.0.iter().enumerate() {
+            if let Slot::Valid { counter, .. } = s {
+                if best.is_none_or(|(_, c)| *counter > c) {
+                    best = Some((i as u64, *counter));
+                }
+            }
+        }
+        best
+    }
+
+    fn into_blob(self, path: &Path) -> Result<Option<Vec<u8>>, ReplicaError> {
+        let newest = self.newest();
+        let [s0, s1] = self.0;
+        match newest {
+            Some((0, _)) => Ok(Some(blob_of(s0))),
+            Some(_) => Ok(Some(blob_of(s1))),
+            None => match (s0, s1) {
+                (Slot::Damaged(reason), _) | (_, Slot::Damaged(reason)) => {
+                    Err(ReplicaError::MetaCorrupt {
+                        path: path.into(),
+                        reason,
+                    })
+                }
+                _ => Ok(None),
+            },
+        }
+    }
+}
+
+fn blob_of(s: Slot) -> Vec<u8> {
+    match s {
+        Slot::Valid { blob, .. } => blob,
+        _ => unreachable!("newest() names a valid slot"),
+    }
+}
+
+fn read_slots(f: &File, path: &Path) -> Result<Slots, ReplicaError> {
+    Ok(Slots([read_slot(f, path, 0)?, read_slot(f, path, 1)?]))
+}
+
+/// Reads up to `len` bytes at `offset`; fewer at the end of the file.
+fn read_at_most(f: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, ReplicaError> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match f.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("read", path)(e)),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+fn read_slot(f: &File, path: &Path, slot: u64) -> Result<Slot, ReplicaError> {
+    let offset = slot * REPL_META_SLOT_SPAN;
+    let h = read_at_most(f, path, offset, REPL_META_HEADER_LEN)?;
+    if h.iter().all(|&b| b == 0) {
+        // Never written: past the end of the file, or a hole.
+        return Ok(Slot::Empty);
+    }
+    let damaged = |reason: String| Ok(Slot::Damaged(format!("slot {slot}: {reason}")));
+    if h.len() < V1_HEADER_LEN {
+        return damaged(format!("{} bytes, shorter than its header", h.len()));
+    }
+    if h[0..8] != REPL_MAGIC {
+        return damaged("bad magic".into());
+    }
+    let version = be32(&h[8..12]);
+    let (header_len, len_at, crc_at, counter) = match version {
+        REPL_VERSION if h.len() == REPL_META_HEADER_LEN => {
+            if be32(&h[12..16]) as u64 != slot {
+                return damaged(format!("header names slot {}", be32(&h[12..16])));
+            }
+            (REPL_META_HEADER_LEN, 40, 48, be64(&h[32..40]))
+        }
+        REPL_VERSION => return damaged("shorter than its header".into()),
+        REPL_VERSION_1 if slot == 0 => (V1_HEADER_LEN, 32, 40, 0),
+        v => return damaged(format!("unknown format version {v}")),
+    };
+    let len = be64(&h[len_at..len_at + 8]);
+    if len > MAX_REPL_META_BYTES as u64 {
+        return damaged(format!("blob length {len} exceeds {MAX_REPL_META_BYTES}"));
+    }
+    let blob = read_at_most(f, path, offset + header_len as u64, len as usize)?;
+    if blob.len() as u64 != len {
+        return damaged(format!("{} blob bytes instead of {len}", blob.len()));
+    }
+    let crc = be32(&h[crc_at..crc_at + 4]);
+    if crc != !crc32c_update(crc32c_update(CRC_INIT, &h[..crc_at]), &blob) {
+        return damaged("checksum mismatch".into());
+    }
+    Ok(Slot::Valid { counter, blob })
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b.try_into().expect("4 bytes"))
+}
+
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().expect("8 bytes"))
+}
+
+fn encode_header(
+    slot: u64,
+    generation: Generation,
+    session: u64,
+    counter: u64,
+    blob: &[u8],
+) -> [u8; REPL_META_HEADER_LEN] {
     let mut h = [0u8; REPL_META_HEADER_LEN];
     h[0..8].copy_from_slice(&REPL_MAGIC);
     h[8..12].copy_from_slice(&REPL_VERSION.to_be_bytes());
+    h[12..16].copy_from_slice(&(slot as u32).to_be_bytes());
     h[16..24].copy_from_slice(&generation.0.to_be_bytes());
     h[24..32].copy_from_slice(&session.to_be_bytes());
-    h[32..40].copy_from_slice(&(blob.len() as u64).to_be_bytes());
-    let crc = !crc32c_update(crc32c_update(CRC_INIT, &h[..40]), blob);
-    h[40..44].copy_from_slice(&crc.to_be_bytes());
+    h[32..40].copy_from_slice(&counter.to_be_bytes());
+    h[40..48].copy_from_slice(&(blob.len() as u64).to_be_bytes());
+    let crc = !crc32c_update(crc32c_update(CRC_INIT, &h[..48]), blob);
+    h[48..52].copy_from_slice(&crc.to_be_bytes());
     h
-}
-
-fn read_repl_file(path: &Path) -> Result<Option<Vec<u8>>, ReplicaError> {
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("open", path)(e)),
-    };
-    let corrupt = |reason: String| ReplicaError::MetaCorrupt {
-        path: path.into(),
-        reason,
-    };
-    // One byte more than the largest valid file tells an over-long file from a good one
-    // without reading an arbitrarily large file into memory.
-    let limit = (REPL_META_HEADER_LEN + MAX_REPL_META_BYTES + 1) as u64;
-    let mut buf = Vec::new();
-    f.take(limit)
-        .read_to_end(&mut buf)
-        .map_err(io_err("read", path))?;
-    decode(&buf).map(Some).map_err(corrupt)
-}
-
-fn decode(buf: &[u8]) -> Result<Vec<u8>, String> {
-    let Some(h) = buf.get(..REPL_META_HEADER_LEN) else {
-        return Err(format!(
-            "{} bytes, shorter than its {REPL_META_HEADER_LEN}-byte header",
-            buf.len()
-        ));
-    };
-    if h[0..8] != REPL_MAGIC {
-        return Err("bad magic".into());
-    }
-    let version = u32::from_be_bytes(h[8..12].try_into().expect("4 bytes"));
-    if version != REPL_VERSION {
-        return Err(format!("unknown format version {version}"));
-    }
-    let len = u64::from_be_bytes(h[32..40].try_into().expect("8 bytes"));
-    if len > MAX_REPL_META_BYTES as u64 {
-        return Err(format!("blob length {len} exceeds {MAX_REPL_META_BYTES}"));
-    }
-    let blob = &buf[REPL_META_HEADER_LEN..];
-    if blob.len() as u64 != len {
-        return Err(format!("{} blob bytes instead of {len}", blob.len()));
-    }
-    let crc = u32::from_be_bytes(h[40..44].try_into().expect("4 bytes"));
-    if crc != !crc32c_update(crc32c_update(CRC_INIT, &h[..40]), blob) {
-        return Err("checksum mismatch".into());
-    }
-    Ok(blob.to_vec())
 }
 
 #[cfg(test)]

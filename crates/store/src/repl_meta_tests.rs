@@ -1,12 +1,12 @@
 //! Unit tests of the replication-metadata area: round trip, fencing by generation and
-//! session, the size limit, every crash point of the write (simulated by stopping the
-//! write after a step and reopening), corruption, and a failing write.
+//! session, the size limit, torn writes (simulated by writing a prefix and reopening),
+//! corruption, the older single-blob format, and a failing write.
 
 use std::fs;
 use std::sync::Arc;
 
 use super::*;
-use crate::meta_file::temp_path;
+use crate::crc::{crc32c_update, CRC_INIT};
 use crate::replica::{ReplicaOptions, META_SUFFIX};
 use crate::testing::{TempDir, VolatileBackend};
 use crate::LocalVolume;
@@ -104,36 +104,55 @@ fn oversize_blob_refused() {
     );
 }
 
-// Goal: a crash after the temporary file was written leaves the old blob and a stale
-// temporary file, which open (and the startup sweep) deletes; after the rename the new
-// blob is there.
+// Goal: a crash in the middle of a slot write (torn: any prefix of header and blob on
+// disk) leaves the previous blob readable, after a reopen too; the next write after the
+// crash goes to the same torn slot, never over the last good one.
 #[test]
-fn write_crash_points() {
+fn torn_writes_keep_the_previous_blob() {
     let dir = TempDir::new("repl").unwrap();
     let meta = fresh(&dir);
     let r = open(&meta);
     r.write_repl_meta(Generation(0), 0, b"one").unwrap();
-    r.write_repl_meta_stopping(Generation(0), 0, b"two", Some(StopAfter::TempWritten))
-        .unwrap();
-    let tmp = temp_path(r.repl_meta_path());
-    assert_eq!(tmp.file_name().unwrap(), ".v.img.repl.tmp");
-    assert!(tmp.exists());
-    drop(r);
+    r.write_repl_meta(Generation(0), 0, b"two").unwrap();
+    let total = REPL_META_HEADER_LEN + b"three".len();
+    for keep in [1, 8, 40, REPL_META_HEADER_LEN, total - 1] {
+        let r = open(&meta);
+        assert_eq!(r.read_repl_meta().unwrap(), Some(b"two".to_vec()), "{keep}");
+        r.write_repl_meta_faulty(Generation(0), 0, b"three", Some(SlotFault::Crash { keep }))
+            .unwrap();
+        assert_eq!(r.read_repl_meta().unwrap(), Some(b"two".to_vec()), "{keep}");
+        drop(r);
+        assert_eq!(open(&meta).read_repl_meta().unwrap(), Some(b"two".to_vec()));
+    }
+    // A whole write that was not acknowledged may or may not count: here it reached the
+    // page cache whole, so it is the newest.
     let r = open(&meta);
-    assert!(!tmp.exists(), "open removed the stale temporary file");
-    assert_eq!(r.read_repl_meta().unwrap(), Some(b"one".to_vec()));
-    r.write_repl_meta_stopping(Generation(0), 0, b"three", Some(StopAfter::Renamed))
-        .unwrap();
+    r.write_repl_meta_faulty(
+        Generation(0),
+        0,
+        b"three",
+        Some(SlotFault::Crash { keep: total }),
+    )
+    .unwrap();
     drop(r);
     let r = open(&meta);
     assert_eq!(r.read_repl_meta().unwrap(), Some(b"three".to_vec()));
-    r.write_repl_meta_stopping(Generation(0), 0, b"four", Some(StopAfter::TempWritten))
-        .unwrap();
-    assert_eq!(crate::remove_temp_files(dir.path()).unwrap(), 1);
-    assert_eq!(r.read_repl_meta().unwrap(), Some(b"three".to_vec()));
+    // Many writes alternate between two slots: the file never grows past two slots.
+    for i in 0..10u8 {
+        r.write_repl_meta(Generation(0), 0, &[i; 100]).unwrap();
+        assert_eq!(r.read_repl_meta().unwrap(), Some(vec![i; 100]));
+    }
+    let len = fs::metadata(r.repl_meta_path()).unwrap().len();
+    assert_eq!(len, REPL_META_SLOT_SPAN + REPL_META_HEADER_LEN as u64 + 100);
+    assert_eq!(
+        fs::read_dir(dir.path()).unwrap().count(),
+        2,
+        "meta + repl, no temp"
+    );
 }
 
-// Goal: a damaged file is reported as corrupt, never returned as a blob.
+// Goal: a damaged slot is reported as corrupt when no valid slot remains, never returned as
+// a blob; next to a valid slot it is ignored (that is what a torn write looks like).
 #[test]
 fn corrupt_file_refused() {
     let dir = TempDir::new("repl").unwrap();
@@ -150,29 +169,103 @@ fn corrupt_file_refused() {
     *flipped.last_mut().unwrap() ^= 1;
     check(&flipped, "checksum mismatch");
     check(&good[..good.len() - 1], "9 blob bytes instead of 10");
-    check(&good[..20], "shorter than its 48-byte header");
-    check(&[0u8; 60], "bad magic");
+    check(&good[..20], "slot 0: 20 bytes, shorter than its header");
+    check(&[1u8; 80], "bad magic");
     let mut huge = good.clone();
-    huge[32..40].copy_from_slice(&u64::MAX.to_be_bytes());
+    huge[40..48].copy_from_slice(&u64::MAX.to_be_bytes());
     check(&huge, "exceeds");
+    let mut version = good.clone();
+    version[11] = 9;
+    check(&version, "unknown format version 9");
+    // An empty file (created, never written) and a hole-only file are "never written".
+    fs::write(r.repl_meta_path(), b"").unwrap();
+    assert_eq!(r.read_repl_meta().unwrap(), None);
+    fs::write(r.repl_meta_path(), [0u8; 4096]).unwrap();
+    assert_eq!(r.read_repl_meta().unwrap(), None);
+    // A damaged slot 1 beside a valid slot 0: the valid one.
+    let mut both = good.clone();
+    both.resize(REPL_META_SLOT_SPAN as usize, 0);
+    both.extend_from_slice(&[0xee; 100]);
+    fs::write(r.repl_meta_path(), &both).unwrap();
+    assert_eq!(r.read_repl_meta().unwrap(), Some(b"blob bytes".to_vec()));
 }
 
-// Goal: a write that cannot complete returns an I/O error and leaves the old blob.
+// Goal: a blob written by an older build (format 1: one blob, 48-byte header) is read as
+// the oldest blob, and the first write of this build does not overwrite it until the new
+// slot is durable.
+#[test]
+fn format_1_file_is_read_and_upgraded() {
+    let dir = TempDir::new("repl").unwrap();
+    let meta = fresh(&dir);
+    let blob = b"written by 0.1";
+    let mut v1 = Vec::new();
+    v1.extend_from_slice(b"BWREPLM\n");
+    v1.extend_from_slice(&1u32.to_be_bytes());
+    v1.extend_from_slice(&[0; 4]);
+    v1.extend_from_slice(&7u64.to_be_bytes());
+    v1.extend_from_slice(&1u64.to_be_bytes());
+    v1.extend_from_slice(&(blob.len() as u64).to_be_bytes());
+    let crc = !crc32c_update(crc32c_update(CRC_INIT, &v1), blob);
+    v1.extend_from_slice(&crc.to_be_bytes());
+    v1.extend_from_slice(&[0; 4]);
+    v1.extend_from_slice(blob);
+    let r = open(&meta);
+    fs::write(r.repl_meta_path(), &v1).unwrap();
+    assert_eq!(r.read_repl_meta().unwrap(), Some(blob.to_vec()));
+    r.write_repl_meta_faulty(
+        Generation(0),
+        0,
+        b"new",
+        Some(SlotFault::Crash { keep: 30 }),
+    )
+    .unwrap();
+    assert_eq!(open(&meta).read_repl_meta().unwrap(), Some(blob.to_vec()));
+    let r = open(&meta);
+    r.write_repl_meta(Generation(0), 0, b"new").unwrap();
+    assert_eq!(open(&meta).read_repl_meta().unwrap(), Some(b"new".to_vec()));
+    r.write_repl_meta(Generation(0), 0, b"newer").unwrap();
+    assert_eq!(
+        open(&meta).read_repl_meta().unwrap(),
+        Some(b"newer".to_vec())
+    );
+}
+
+// Goal: a write that fails returns an I/O error and leaves the old blob; the next write
+// goes to the failed slot again, so the last durable blob is never overwritten.
 #[test]
 fn failed_write_returns_error_and_keeps_old_blob() {
     let dir = TempDir::new("repl").unwrap();
-    let r = open(&fresh(&dir));
+    let meta = fresh(&dir);
+    let r = open(&meta);
     r.write_repl_meta(Generation(0), 0, b"old").unwrap();
-    // Make the temporary file impossible to create: a directory in its place.
-    let tmp = temp_path(r.repl_meta_path());
-    fs::create_dir(&tmp).unwrap();
-    let err = r.write_repl_meta(Generation(0), 0, b"new").unwrap_err();
-    assert!(matches!(err, ReplMetaError::Io(_)), "{err}");
-    fs::remove_dir(&tmp).unwrap();
-    assert_eq!(r.read_repl_meta().unwrap(), Some(b"old".to_vec()));
+    for keep in [0, 20] {
+        let err = r
+            .write_repl_meta_faulty(Generation(0), 0, b"new", Some(SlotFault::Fail { keep }))
+            .unwrap_err();
+        assert!(matches!(err, ReplMetaError::Io(_)), "{err}");
+        assert_eq!(r.read_repl_meta().unwrap(), Some(b"old".to_vec()));
+    }
     // The replica itself is not fail-stopped by a metadata failure: the driver decides.
+    // This write goes to the slot that failed; a crash in it still leaves "old".
+    r.write_repl_meta_faulty(
+        Generation(0),
+        0,
+        b"again",
+        Some(SlotFault::Crash { keep: 10 }),
+    )
+    .unwrap();
+    assert_eq!(open(&meta).read_repl_meta().unwrap(), Some(b"old".to_vec()));
     r.write_repl_meta(Generation(0), 0, b"again").unwrap();
-    assert_eq!(r.read_repl_meta().unwrap(), Some(b"again".to_vec()));
+    assert_eq!(
+        open(&meta).read_repl_meta().unwrap(),
+        Some(b"again".to_vec())
+    );
+    // An unwritable file is an I/O error on the first write of a replica.
+    let dir2 = TempDir::new("repl").unwrap();
+    let r2 = open(&fresh(&dir2));
+    fs::create_dir(r2.repl_meta_path()).unwrap();
+    let err = r2.write_repl_meta(Generation(0), 0, b"x").unwrap_err();
+    assert!(matches!(err, ReplMetaError::Io(_)), "{err}");
 }
 
 // Goal: concurrent writers are serialised: the file always holds one complete blob.

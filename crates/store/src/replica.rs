@@ -316,9 +316,9 @@ pub struct Replica {
     meta_path: PathBuf,
     /// The replication-metadata file (`repl_meta.rs`).
     pub(crate) repl_path: PathBuf,
-    /// Serialises replication-metadata writes, so a later write is never overwritten by an
-    /// earlier one still in progress.
-    pub(crate) repl_lock: Mutex<()>,
+    /// Serialises replication-metadata writes (a later write is never overwritten by an
+    /// earlier one still in progress) and remembers which slot holds the newest blob.
+    pub(crate) repl_lock: Mutex<crate::repl_meta::ReplSlots>,
     gate: Arc<Gate>,
     admit: Mutex<AdmitState>,
     on_advance: Option<AdvanceCallback>,
@@ -350,8 +350,9 @@ impl Replica {
     }
 
     /// Opens a replica over `volume` with the metadata at `meta_path` (which must exist).
-    /// Deletes temporary files a crash left next to the generation record and the
-    /// replication metadata (`<volume file>.repl`, see [`crate::default_repl_meta_path`]).
+    /// Deletes a temporary file a crash left next to the generation record (and one an
+    /// older build's replication-metadata replace left next to `<volume file>.repl`, see
+    /// [`crate::default_repl_meta_path`]).
     pub fn open(
         volume: LocalVolume,
         meta_path: &Path,
@@ -369,7 +370,7 @@ impl Replica {
             volume,
             meta_path: meta_path.to_path_buf(),
             repl_path,
-            repl_lock: Mutex::new(()),
+            repl_lock: Mutex::new(Default::default()),
             gate: Arc::new(gate),
             admit: Mutex::new(AdmitState {
                 durable: highest,
