@@ -138,6 +138,7 @@ pub(crate) struct ReplSlots {
 /// A fault injected into a slot write (tests only): stop after `keep` bytes of the
 /// `pwrite` as a crash would, or fail the `pwrite` with an I/O error after them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) enum SlotFault {
     Crash { keep: usize },
     Fail { keep: usize },
