@@ -196,7 +196,7 @@ impl Reader {
             Command::Read => IoRequest::Read { offset, len },
             Command::Write => IoRequest::Write {
                 offset,
-                data: frames.payload(len as usize).await?,
+                data: frames.payload(len as usize).await?.into(),
                 fua,
             },
             Command::Flush => IoRequest::Flush,

@@ -329,7 +329,11 @@ impl Request {
     pub fn into_io(self, data: Vec<u8>) -> Option<IoRequest> {
         Some(match self {
             Request::Read { offset, len } => IoRequest::Read { offset, len },
-            Request::Write { offset, fua, .. } => IoRequest::Write { offset, data, fua },
+            Request::Write { offset, fua, .. } => IoRequest::Write {
+                offset,
+                data: data.into(),
+                fua,
+            },
             Request::Flush => IoRequest::Flush,
             Request::Trim { offset, len, fua } => IoRequest::Trim { offset, len, fua },
             Request::WriteZeroes {

@@ -73,7 +73,7 @@ async fn jobs(name: &str, dev: Arc<dyn BlockDevice>) {
         let mb_s = median(|| async {
             let t = drive(&dev, qd, n, |i| IoRequest::Write {
                 offset: (i * mib) % VOLUME_BYTES,
-                data: vec![i as u8; mib as usize],
+                data: vec![i as u8; mib as usize].into(),
                 fua: false,
             })
             .await;
@@ -91,7 +91,7 @@ async fn jobs(name: &str, dev: Arc<dyn BlockDevice>) {
             x ^= x << 17;
             IoRequest::Write {
                 offset: (x % (VOLUME_BYTES / 4096)) * 4096,
-                data: vec![0x5a; 4096],
+                data: vec![0x5a; 4096].into(),
                 fua: false,
             }
         })
@@ -152,7 +152,7 @@ fn main() {
         let local: Arc<dyn BlockDevice> = replica.device_for(Generation(1)).unwrap();
         drive(&local, 8, VOLUME_BYTES >> 20, |i| IoRequest::Write {
             offset: i << 20,
-            data: vec![1; 1 << 20],
+            data: vec![1; 1 << 20].into(),
             fua: false,
         })
         .await;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqC
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use bw_types::{Generation, IoDone, IoError, IoReply, IoRequest};
+use bw_types::{DataBuf, Generation, IoDone, IoError, IoReply, IoRequest};
 use peer_proto::consts::CONNECTION_ID;
 use peer_proto::{parse_extents, parse_frame_header, parse_message, Accept, ReplyHead, Request};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -178,7 +178,7 @@ impl Shared {
             Request::ReadMeta => Expect::Meta,
             _ => Expect::Done,
         };
-        self.send(r, body, Waiting { done, expect }, None);
+        self.send(r, body.into(), Waiting { done, expect }, None);
     }
 
     /// Sends one request; completes `done` when its reply arrives or the replica fails.
@@ -198,13 +198,13 @@ impl Shared {
         };
         let data = match req {
             IoRequest::Write { data, .. } => data,
-            _ => Vec::new(),
+            _ => DataBuf::default(),
         };
         self.send(r, data, Waiting { done, expect }, None);
     }
 
     /// Registers `w` and queues the frame, on connection `slot` or one picked by id.
-    fn send(&self, r: Request, data: Vec<u8>, w: Waiting, slot: Option<usize>) {
+    fn send(&self, r: Request, data: DataBuf, w: Waiting, slot: Option<usize>) {
         let id = self.next_id.fetch_add(1, Relaxed);
         let i = slot.unwrap_or(id as usize % self.slots.len());
         let s = &self.slots[i];
@@ -373,7 +373,7 @@ async fn watchdog(shared: Weak<Shared>, timeout: Duration, ping: Duration) {
                     done: Box::new(|_| {}),
                     expect: Expect::Pong,
                 };
-                s.send(Request::Ping, Vec::new(), pong, Some(i));
+                s.send(Request::Ping, DataBuf::default(), pong, Some(i));
             }
         }
     }

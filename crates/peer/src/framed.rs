@@ -5,6 +5,7 @@
 
 use std::io;
 
+use bw_types::bufpool;
 use peer_proto::{Parsed, ProtoError};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -67,7 +68,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Reads `len` bytes of body into a new `Vec`.
+    /// Reads `len` bytes of body into a `Vec` from [`bufpool`] (a WRITE's data goes to the
+    /// store as a `DataBuf`, whose last owner gives the buffer back).
     pub(crate) async fn body(&mut self, len: usize) -> Result<Vec<u8>, FrameError> {
         if len <= BUFFERED_BODY_MAX {
             while self.end - self.start < len {
@@ -79,7 +81,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.start += len;
             return Ok(out);
         }
-        let mut out = Vec::with_capacity(len);
+        let mut out = bufpool::take(len);
         let have = len.min(self.end - self.start);
         out.extend_from_slice(&self.buf[self.start..self.start + have]);
         self.start += have;

@@ -4,6 +4,7 @@
 
 use std::io::{self, IoSlice};
 
+use bw_types::DataBuf;
 use peer_proto::consts::FRAME_HEADER_LEN;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -18,7 +19,7 @@ const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 pub(crate) struct Outgoing {
     head: [u8; FRAME_HEADER_LEN],
     head_len: u8,
-    body: Vec<u8>,
+    body: DataBuf,
     /// Server side: the request's share of the in-flight limits, released once the reply
     /// has been written, so the limits also bound replies waiting for a slow client.
     _budget: Option<Budget>,
@@ -32,13 +33,13 @@ pub(crate) struct Budget {
 
 impl Outgoing {
     /// A frame made of `head` followed by `body` (either may be empty).
-    pub(crate) fn new(head: &[u8], body: Vec<u8>, budget: Option<Budget>) -> Outgoing {
+    pub(crate) fn new(head: &[u8], body: impl Into<DataBuf>, budget: Option<Budget>) -> Outgoing {
         let mut h = [0u8; FRAME_HEADER_LEN];
         h[..head.len()].copy_from_slice(head);
         Outgoing {
             head: h,
             head_len: head.len() as u8,
-            body,
+            body: body.into(),
             _budget: budget,
         }
     }

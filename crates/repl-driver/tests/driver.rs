@@ -117,7 +117,7 @@ async fn writes_are_held_while_the_catalog_cannot_drop_a_failed_replica() {
         &a.dev,
         IoRequest::Write {
             offset: MIB,
-            data: vec![2; 4096],
+            data: vec![2; 4096].into(),
             fua: false,
         },
     );
@@ -155,7 +155,7 @@ async fn catalog_refusal_stops_the_attachment_and_acknowledges_nothing_more() {
         .map(|i| {
             let req = IoRequest::Write {
                 offset: i * MIB,
-                data: vec![3; 4096],
+                data: vec![3; 4096].into(),
                 fua: false,
             };
             start_io(&a.dev, req)
@@ -176,7 +176,7 @@ async fn catalog_refusal_stops_the_attachment_and_acknowledges_nothing_more() {
         &a.dev,
         IoRequest::Write {
             offset: 0,
-            data: vec![4; 512],
+            data: vec![4; 512].into(),
             fua: false,
         },
     )

@@ -91,7 +91,7 @@ fn main() {
         vol.submit(
             IoRequest::Write {
                 offset: off,
-                data: vec![0xA5; 1 << 20],
+                data: vec![0xA5; 1 << 20].into(),
                 fua: false,
             },
             Box::new(move |r| tx.send(r).unwrap()),
@@ -137,7 +137,7 @@ fn main() {
         b,
         drive(&vol, 32, secs, |i| IoRequest::Write {
             offset: rand_offset(i),
-            data: vec![i as u8; 4096],
+            data: vec![i as u8; 4096].into(),
             fua: false,
         }),
     );
@@ -148,7 +148,7 @@ fn main() {
         b,
         drive(&vol, 1, secs, |i| IoRequest::Write {
             offset: rand_offset(i),
-            data: vec![i as u8; 4096],
+            data: vec![i as u8; 4096].into(),
             fua: false,
         }),
     );
@@ -165,7 +165,7 @@ fn main() {
     let b = vol.stats();
     let (ops, lat) = drive(&vol, 8, secs, |i| IoRequest::Write {
         offset: (i << 20) % FILE_BYTES,
-        data: vec![1; 1 << 20],
+        data: vec![1; 1 << 20].into(),
         fua: false,
     });
     report("1M seqwrite QD8", &vol, b, (ops, lat));
@@ -181,7 +181,7 @@ fn main() {
             } else {
                 IoRequest::Write {
                     offset: rand_offset(i),
-                    data: vec![i as u8; 4096],
+                    data: vec![i as u8; 4096].into(),
                     fua: false,
                 }
             }

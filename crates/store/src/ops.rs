@@ -11,7 +11,7 @@
 use std::io;
 use std::sync::Arc;
 
-use bw_types::{bufpool, Extent, IoDone, IoError, IoKind, IoReply, IoRequest};
+use bw_types::{bufpool, DataBuf, Extent, IoDone, IoError, IoKind, IoReply, IoRequest};
 
 use crate::volume::{bump, Inner, VolumeErrorEvent, MAX_BLOCK_STATUS_EXTENTS};
 
@@ -74,11 +74,11 @@ impl Inner {
     }
 
     /// Writes `data` at `offset` with a blocking `pwrite` (fail-stop on error, `NoSpace` for
-    /// ENOSPC/EDQUOT), then gives the buffer back to [`bufpool`].
-    pub(crate) fn write_blocking(&self, offset: u64, data: Vec<u8>) -> Result<(), IoError> {
+    /// ENOSPC/EDQUOT), then drops the buffer (its last owner gives it back to [`bufpool`]).
+    pub(crate) fn write_blocking(&self, offset: u64, data: DataBuf) -> Result<(), IoError> {
         let result = self.backend.write_at(&data, offset);
         let len = data.len() as u64;
-        bufpool::give(data);
+        drop(data);
         result.map_err(|e| self.mutation_failed(IoKind::Write, offset, len, e, true))
     }
 

@@ -38,7 +38,7 @@ fn run(r: &Replica, g: u64, req: IoRequest) -> Result<IoReply, IoError> {
 fn write(offset: u64, byte: u8) -> IoRequest {
     IoRequest::Write {
         offset,
-        data: vec![byte; 512],
+        data: vec![byte; 512].into(),
         fua: false,
     }
 }

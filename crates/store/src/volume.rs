@@ -421,7 +421,7 @@ impl Inner {
                 match self.backend.try_write_nowait(&data, offset) {
                     Ok(FastPath::Done) => {
                         bump(&self.counters.writes_inline);
-                        bufpool::give(data);
+                        drop(data);
                         return self.complete_mutation(fua, done, false);
                     }
                     // No non-blocking write at all (ext4): a small one is written inline.

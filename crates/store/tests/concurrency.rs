@@ -17,7 +17,7 @@ fn request(i: u64) -> IoRequest {
     match i % 6 {
         0 | 1 => IoRequest::Write {
             offset,
-            data: vec![i as u8; 4096],
+            data: vec![i as u8; 4096].into(),
             fua: i.is_multiple_of(12),
         },
         2 | 3 => IoRequest::Read { offset, len: 4096 },
@@ -82,7 +82,7 @@ fn callbacks_may_submit_and_drop_the_volume() {
         vol.submit(
             IoRequest::Write {
                 offset: u64::from(left) * 4096,
-                data: vec![1u8; 4096],
+                data: vec![1u8; 4096].into(),
                 fua: left.is_multiple_of(10),
             },
             Box::new(move |r| {

@@ -51,7 +51,7 @@ fn write_error_faults_the_volume() {
         &vol,
         IoRequest::Write {
             offset: 0,
-            data: vec![2u8; 4096],
+            data: vec![2u8; 4096].into(),
             fua: false,
         },
     );
@@ -62,7 +62,7 @@ fn write_error_faults_the_volume() {
         &vol,
         IoRequest::Write {
             offset: 0,
-            data: vec![3u8; 1],
+            data: vec![3u8; 1].into(),
             fua: false
         }
     )));
@@ -103,7 +103,7 @@ fn sync_error_faults_and_is_not_retried() {
     );
     let fua = IoRequest::Write {
         offset: 0,
-        data: vec![1],
+        data: vec![1].into(),
         fua: true,
     };
     assert!(is_faulted(&run(&vol, fua)));
@@ -131,7 +131,7 @@ fn enospc_on_write_is_soft() {
         &vol,
         IoRequest::Write {
             offset: 8192,
-            data: vec![1u8; 4096],
+            data: vec![1u8; 4096].into(),
             fua: false,
         },
     );

@@ -55,7 +55,7 @@ fn write_read_flush_fua() {
     common::assert_filled(&read(&vol, 0, 4096), 0, 4096);
     let fua = IoRequest::Write {
         offset: MIB,
-        data: vec![9u8; 512],
+        data: vec![9u8; 512].into(),
         fua: true,
     };
     assert_eq!(run(&vol, fua), Ok(IoReply::Done));
@@ -76,7 +76,7 @@ fn range_checks_and_resize() {
     let (vol, _) = open(&dir, MIB);
     let past = IoRequest::Write {
         offset: MIB - 1,
-        data: vec![1, 2],
+        data: vec![1, 2].into(),
         fua: false,
     };
     assert_eq!(run(&vol, past), Err(IoError::OutOfRange));

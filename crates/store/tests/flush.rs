@@ -56,7 +56,7 @@ fn crash_keeps_exactly_what_was_flushed() {
     assert_eq!(flush(&vol), Ok(IoReply::Done));
     let fua = IoRequest::Write {
         offset: 16384,
-        data: vec![4u8; 4096],
+        data: vec![4u8; 4096].into(),
         fua: true,
     };
     assert_eq!(run(&vol, fua), Ok(IoReply::Done));

@@ -27,7 +27,11 @@ fn write_now(
 ) -> Option<Result<IoReply, IoError>> {
     let (tx, rx) = std::sync::mpsc::channel();
     vol.submit(
-        IoRequest::Write { offset, data, fua },
+        IoRequest::Write {
+            offset,
+            data: data.into(),
+            fua,
+        },
         Box::new(move |r| {
             let _ = tx.send(r);
         }),
@@ -123,7 +127,7 @@ fn inline_write_errors_fail_stop() {
         );
         let w = |off| IoRequest::Write {
             offset: off,
-            data: vec![1u8; 4096],
+            data: vec![1u8; 4096].into(),
             fua: false,
         };
         faulty.fail_now(FaultOp::Write, libc::ENOSPC);

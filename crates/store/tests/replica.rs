@@ -103,7 +103,7 @@ fn admit_waits_for_older_requests_in_flight() {
     old.submit(
         IoRequest::Write {
             offset: 0,
-            data: vec![5; 4096],
+            data: vec![5; 4096].into(),
             fua: false,
         },
         Box::new(move |res| done_tx.send(res).unwrap()),
@@ -156,7 +156,7 @@ fn admit_session_drains_older_session_and_fences_it() {
     let s1 = r.device_for_session(Generation(7), 1).unwrap();
     let write = |byte: u8| IoRequest::Write {
         offset: 0,
-        data: vec![byte; 4096],
+        data: vec![byte; 4096].into(),
         fua: false,
     };
     let (done_tx, done_rx) = mpsc::channel();

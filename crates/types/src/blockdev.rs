@@ -23,9 +23,10 @@ pub enum IoRequest {
         offset: u64,
         len: u32,
     },
+    /// `data` is shared, not copied, when the request fans out to several replicas.
     Write {
         offset: u64,
-        data: Vec<u8>,
+        data: crate::DataBuf,
         fua: bool,
     },
     Flush,

@@ -75,7 +75,7 @@ async fn server_killed_mid_write_fails_requests() {
     for i in 0..64u64 {
         let req = IoRequest::Write {
             offset: i << 20,
-            data: vec![7; 1 << 20],
+            data: vec![7; 1 << 20].into(),
             fua: true,
         };
         inflight.push(start(&*dev, req));

@@ -151,7 +151,7 @@ pub async fn write(dev: &dyn BlockDevice, offset: u64, data: Vec<u8>) -> Result<
         dev,
         IoRequest::Write {
             offset,
-            data,
+            data: data.into(),
             fua: false,
         },
     )

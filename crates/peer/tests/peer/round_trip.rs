@@ -29,7 +29,7 @@ async fn every_request_type_round_trips() {
         assert_filled(&read(&dev, 0, mib as u32).await, 0xab);
         let fua = IoRequest::Write {
             offset: 8192,
-            data: vec![1; 4096],
+            data: vec![1; 4096].into(),
             fua: true,
         };
         assert_eq!(run(&dev, fua).await, Ok(IoReply::Done));
@@ -112,7 +112,7 @@ async fn many_requests_in_flight() {
     for i in 0..blocks {
         let req = IoRequest::Write {
             offset: i * 4096,
-            data: vec![i as u8; 4096],
+            data: vec![i as u8; 4096].into(),
             fua: i % 64 == 0,
         };
         pending.push(start(&*dev, req));

@@ -108,7 +108,7 @@ async fn newer_session_drains_and_fences_older_session() {
         &s1,
         bw_types::IoRequest::Write {
             offset: 4096,
-            data: vec![1; 4096],
+            data: vec![1; 4096].into(),
             fua: false,
         },
     );

@@ -7,7 +7,7 @@
 //! regions than its activity log holds. BLOCK_STATUS is answered by the local in-sync
 //! replica when there is one, else as "all allocated" (always a correct answer).
 
-use bw_types::{Extent, IoDone, IoError, IoReply, IoRequest};
+use bw_types::{DataBuf, Extent, IoDone, IoError, IoReply, IoRequest};
 use replication::{Completion, DataHandle, Event, ReplicaState, RequestError, RequestId};
 
 use super::Driver;
@@ -23,9 +23,14 @@ pub const BULK_CHUNKS_IN_FLIGHT: usize = 4;
 
 /// What a write-path request carries to the replicas.
 pub(crate) enum Payload {
-    Write { data: Vec<u8> },
+    /// Shared with every leg (a reference-count bump per replica, no copy).
+    Write {
+        data: DataBuf,
+    },
     Trim,
-    Zeroes { may_punch: bool },
+    Zeroes {
+        may_punch: bool,
+    },
 }
 
 impl Payload {

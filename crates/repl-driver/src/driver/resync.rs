@@ -267,7 +267,7 @@ async fn copy_range(
         } else {
             IoRequest::Write {
                 offset: at,
-                data,
+                data: data.into(),
                 fua: false,
             }
         };

@@ -505,7 +505,7 @@ pub async fn write(dev: &Arc<ReplicatedDevice>, offset: u64, data: Vec<u8>) {
         dev,
         IoRequest::Write {
             offset,
-            data,
+            data: data.into(),
             fua: false,
         },
     )
@@ -556,7 +556,7 @@ pub async fn write_load(
                 dev,
                 IoRequest::Write {
                     offset: block.0,
-                    data: vec![block.1; 4096],
+                    data: vec![block.1; 4096].into(),
                     fua: false,
                 },
             ));

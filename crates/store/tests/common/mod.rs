@@ -31,7 +31,7 @@ pub fn write(dev: &dyn BlockDevice, offset: u64, data: Vec<u8>) {
             dev,
             IoRequest::Write {
                 offset,
-                data,
+                data: data.into(),
                 fua: false
             }
         ),
