@@ -265,6 +265,24 @@ fn scenario(c: &Cluster, full: &str, seed: u64) {
         metric(a, "blockwarden_volume_in_sync_replicas", "volume=\"vm\""),
         Some(1.0)
     );
+    // The activity log is exported; a volume smaller than the log never evicts.
+    let al = metric(
+        a,
+        "blockwarden_volume_activity_log_regions",
+        "volume=\"vm\"",
+    );
+    assert!(
+        al.is_some_and(|n| n <= 4096.0),
+        "activity log regions: {al:?}"
+    );
+    assert_eq!(
+        metric(
+            a,
+            "blockwarden_volume_activity_log_evictions_total",
+            "volume=\"vm\""
+        ),
+        Some(0.0)
+    );
     let events = a.cli_ok(&["events"]);
     let failures: Vec<&str> = events
         .lines()

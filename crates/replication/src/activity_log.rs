@@ -26,11 +26,36 @@ struct AlRegion {
     needs_flush: u64,
 }
 
+/// Regions evicted at once when the log is full: one scan of the log pays for several
+/// admissions, so a random-write working set larger than the log costs a scan per
+/// [`EVICT_BATCH`] new regions, not per write.
+pub(crate) const EVICT_BATCH: usize = 8;
+
+/// What eviction must respect: the flush sequence completed on every replica written, and
+/// the regions locked by copies.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Room<'a> {
+    pub durable_flush: u64,
+    pub locked: &'a RegionSet,
+}
+
+/// Regions added ahead of a sequential write stream ([`ActivityLog::prefetch`]).
+pub(crate) const PREFETCH_REGIONS: u64 = 8;
+
+/// Sequential streams remembered (by the end offset of their last write).
+const STREAMS: usize = 8;
+
 /// The in-memory activity log.
 #[derive(Clone, Debug)]
 pub(crate) struct ActivityLog {
     regions: BTreeMap<RegionIndex, AlRegion>,
     max_regions: usize,
+    /// End offsets of recent writes, newest last: a write starting at one of them continues
+    /// a sequential stream.
+    streams: Vec<u64>,
+    /// A write found the log full and could not make room (a flush may help).
+    starved: bool,
+    evicted: u64,
 }
 
 impl ActivityLog {
@@ -51,6 +76,9 @@ impl ActivityLog {
         ActivityLog {
             regions,
             max_regions,
+            streams: Vec::new(),
+            starved: false,
+            evicted: 0,
         }
     }
 
@@ -64,14 +92,27 @@ impl ActivityLog {
 
     /// Makes sure every region of a write is in the log. All or nothing: a write whose
     /// regions do not all fit adds none, so half-admitted writes cannot fill the log and
-    /// wait on each other. Returns true when all of them are in the log *and durable*.
-    pub fn admit(&mut self, regions: &[RegionIndex], now_ms: u64, meta: &mut MetaQueue) -> bool {
+    /// wait on each other. When the log is full and `room` allows it, the least recently
+    /// touched regions that are safe to drop make room ([`ActivityLog::evict`]). Returns
+    /// true when all of them are in the log *and durable*.
+    pub fn admit(
+        &mut self,
+        regions: &[RegionIndex],
+        now_ms: u64,
+        room: Option<Room<'_>>,
+        meta: &mut MetaQueue,
+    ) -> bool {
         let missing = regions
             .iter()
             .filter(|r| !self.regions.contains_key(r))
             .count();
         if missing > 0 && self.regions.len() + missing > self.max_regions {
-            return false;
+            let need = self.regions.len() + missing - self.max_regions;
+            let made = room.is_some_and(|room| self.evict(need, regions, room, meta));
+            if !made {
+                self.starved = true;
+                return false;
+            }
         }
         for r in regions {
             if self.regions.contains_key(r) {
@@ -92,6 +133,121 @@ impl ActivityLog {
             self.regions.insert(*r, entry);
         }
         regions.iter().all(|r| self.regions[r].durable)
+    }
+
+    /// Sequential read-ahead for the log: a write `[start, end)` that starts where a recent
+    /// write ended continues a stream, so the [`PREFETCH_REGIONS`] regions after its last
+    /// one are added now (those missing, only while the log has room without evicting).
+    /// Their addition goes into the next metadata batch, off the stream's path: without
+    /// it, a 1 MiB sequential writer waits for a metadata write on every replica per MiB.
+    /// A prefetched region nobody writes goes cold after the hot time like any other; a
+    /// crash before that makes the next attachment reconcile it for nothing (at most
+    /// `PREFETCH_REGIONS` per stream).
+    pub fn prefetch(
+        &mut self,
+        start: u64,
+        end: u64,
+        region_size: u64,
+        volume_regions: u64,
+        now_ms: u64,
+        meta: &mut MetaQueue,
+    ) {
+        let sequential = match self.streams.iter().position(|e| *e == start) {
+            Some(i) => {
+                self.streams.remove(i);
+                true
+            }
+            None => {
+                if self.streams.len() == STREAMS {
+                    self.streams.remove(0);
+                }
+                false
+            }
+        };
+        self.streams.push(end);
+        if !sequential || end == 0 {
+            return;
+        }
+        let last = (end - 1) / region_size;
+        for k in last + 1..(last + 1 + PREFETCH_REGIONS).min(volume_regions) {
+            let r = RegionIndex(k);
+            if self.regions.contains_key(&r) {
+                continue;
+            }
+            if self.regions.len() >= self.max_regions {
+                return;
+            }
+            let durable = meta.cancel_al_remove(r);
+            if !durable {
+                meta.pending.al_add.push(r);
+            }
+            let entry = AlRegion {
+                durable,
+                inflight: 0,
+                last_touch_ms: now_ms,
+                needs_flush: 0,
+            };
+            self.regions.insert(r, entry);
+        }
+    }
+
+    /// A region that may leave the log now, hot or not: its addition is durable, nothing
+    /// touching it is in flight, a flush that covers its last write completed on every
+    /// replica written (so the replicas agree on it), and no copy holds it.
+    fn evictable(r: &RegionIndex, e: &AlRegion, room: &Room<'_>) -> bool {
+        e.durable
+            && e.inflight == 0
+            && e.needs_flush <= room.durable_flush
+            && !room.locked.contains(r)
+    }
+
+    /// LRU eviction: removes at least `need` (and up to [`EVICT_BATCH`]) of the least
+    /// recently touched evictable regions not in `keep`, queuing their durable removal in
+    /// the same metadata batch as the additions that needed the room. All or nothing.
+    fn evict(
+        &mut self,
+        need: usize,
+        keep: &[RegionIndex],
+        room: Room<'_>,
+        meta: &mut MetaQueue,
+    ) -> bool {
+        let mut candidates: Vec<(u64, RegionIndex)> = self
+            .regions
+            .iter()
+            .filter(|(r, e)| Self::evictable(r, e, &room) && !keep.contains(r))
+            .map(|(r, e)| (e.last_touch_ms, *r))
+            .collect();
+        if candidates.len() < need {
+            return false;
+        }
+        let take = need.max(EVICT_BATCH).min(candidates.len());
+        if take < candidates.len() {
+            candidates.select_nth_unstable(take - 1);
+        }
+        for (_, r) in &candidates[..take] {
+            self.regions.remove(r);
+            meta.pending.al_remove.push(*r);
+        }
+        self.evicted += take as u64;
+        true
+    }
+
+    /// True (once, then reset) when a write found the log full since the last call.
+    pub fn take_starved(&mut self) -> bool {
+        std::mem::take(&mut self.starved)
+    }
+
+    /// True when a flush would let some region be evicted: idle, durable, its last write
+    /// not yet covered by a flush completed everywhere.
+    pub fn flush_frees_room(&self, durable_flush: u64) -> bool {
+        self.regions
+            .values()
+            .any(|e| e.durable && e.inflight == 0 && e.needs_flush > durable_flush)
+    }
+
+    /// Regions evicted so far to make room.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
     }
 
     /// A write (or reconciliation copy) touching `regions` went out.
@@ -224,11 +380,11 @@ mod tests {
         let mut meta = MetaQueue::default();
         let mut al = ActivityLog::new(2, &set(&[]), 0);
         let r = [RegionIndex(1)];
-        assert!(!al.admit(&r, 0, &mut meta));
+        assert!(!al.admit(&r, 0, None, &mut meta));
         let (id, b) = meta.take_next().unwrap();
         assert_eq!(b.al_add, r.to_vec());
         al.persisted(&meta.persisted(id).unwrap());
-        assert!(al.admit(&r, 0, &mut meta));
+        assert!(al.admit(&r, 0, None, &mut meta));
         al.begin(&r, 0);
         al.cool(100, 10, 5, &set(&[]), &mut meta);
         assert_eq!(al.len(), 1, "in flight");
@@ -240,12 +396,119 @@ mod tests {
         assert_eq!(al.len(), 0);
         assert_eq!(meta.pending.al_remove, r.to_vec());
         assert!(
-            al.admit(&r, 200, &mut meta),
+            al.admit(&r, 200, None, &mut meta),
             "cancelled removal: still durable"
         );
         assert!(meta.pending.is_empty());
         // Full log: all or nothing.
-        assert!(!al.admit(&[RegionIndex(2), RegionIndex(3)], 0, &mut meta));
+        assert!(!al.admit(&[RegionIndex(2), RegionIndex(3)], 0, None, &mut meta));
         assert_eq!(al.len(), 1);
+    }
+
+    // Goal: a full log evicts the least recently touched regions that are durable, idle,
+    // flushed everywhere and not locked (never one the write itself needs), a batch at a
+    // time, in the same metadata batch as the addition; without any such region the write
+    // waits, the log reports it starved once, and says a flush would help.
+    #[test]
+    fn full_log_evicts_least_recently_used_safe_regions() {
+        let mut meta = MetaQueue::default();
+        let max = EVICT_BATCH + 4;
+        let mut al = ActivityLog::new(max, &set(&[]), 0);
+        let locked = set(&[1]);
+        let room = |durable_flush| {
+            Some(Room {
+                durable_flush,
+                locked: &locked,
+            })
+        };
+        // Fill the log; region k last touched at time k, except region 0 (time 1000).
+        for k in 0..max as u64 {
+            let r = [RegionIndex(k)];
+            let t = if k == 0 { 1000 } else { k };
+            al.admit(&r, t, None, &mut meta);
+            let (id, _) = meta.take_next().unwrap();
+            al.persisted(&meta.persisted(id).unwrap());
+            al.begin(&r, t);
+            al.end(&r, 0);
+        }
+        // The last region still has a write in flight.
+        let busy = RegionIndex(max as u64 - 1);
+        al.begin(&[busy], 2000);
+        let new = [RegionIndex(100)];
+        assert!(!al.admit(&new, 3000, None, &mut meta), "no room allowed");
+        assert!(
+            !al.admit(&new, 3000, room(0), &mut meta),
+            "nothing flushed yet"
+        );
+        assert!(al.take_starved());
+        assert!(!al.take_starved(), "reported once");
+        assert!(al.flush_frees_room(0));
+        assert_eq!(al.len(), max);
+        assert!(meta.pending.is_empty());
+        // Flushed everywhere: the EVICT_BATCH least recently touched of the candidates go
+        // (not region 0, touched late; not 1, locked; not the busy one).
+        assert!(
+            !al.admit(&new, 3000, room(1), &mut meta),
+            "in, not durable yet"
+        );
+        assert!(!al.take_starved());
+        let evicted: Vec<RegionIndex> = (2..2 + EVICT_BATCH as u64).map(RegionIndex).collect();
+        let (id, b) = meta.take_next().unwrap();
+        assert_eq!(b.al_add, new.to_vec());
+        assert_eq!(b.al_remove, evicted);
+        assert_eq!(al.evicted(), EVICT_BATCH as u64);
+        assert_eq!(al.len(), max - EVICT_BATCH + 1);
+        for r in &evicted {
+            assert!(!al.regions().contains(r));
+        }
+        al.persisted(&meta.persisted(id).unwrap());
+        assert!(al.admit(&new, 3001, room(1), &mut meta));
+        // A write never evicts its own regions: with only region 0 and its own left as
+        // candidates, two new regions cannot both fit.
+        let mut al = ActivityLog::new(2, &set(&[5, 6]), 0);
+        assert!(!al.admit(
+            &[RegionIndex(5), RegionIndex(7), RegionIndex(8)],
+            1,
+            room(1),
+            &mut meta
+        ));
+        assert_eq!(al.regions(), set(&[5, 6]));
+    }
+
+    // Goal: a write continuing a recent write's end adds the next PREFETCH_REGIONS regions
+    // (missing ones only, within the volume, never beyond the log's size); a write out of
+    // nowhere adds nothing.
+    #[test]
+    fn sequential_streams_prefetch_the_next_regions() {
+        const M: u64 = 1 << 20;
+        let mut meta = MetaQueue::default();
+        let mut al = ActivityLog::new(20, &set(&[]), 0);
+        al.prefetch(0, M, M, 100, 0, &mut meta);
+        assert!(meta.pending.is_empty(), "first write of a stream");
+        al.prefetch(50 * M, 50 * M + 4096, M, 100, 0, &mut meta);
+        assert!(meta.pending.is_empty(), "random write");
+        // Continues the first stream: regions 2..=9 (the write's own region 1 is admit's).
+        al.prefetch(M, 2 * M, M, 100, 0, &mut meta);
+        let want: Vec<_> = (2..2 + PREFETCH_REGIONS).map(RegionIndex).collect();
+        assert_eq!(meta.pending.al_add, want);
+        assert_eq!(al.len(), PREFETCH_REGIONS as usize);
+        // The next one adds only the one region not there yet.
+        al.prefetch(2 * M, 3 * M, M, 100, 0, &mut meta);
+        assert_eq!(
+            meta.pending.al_add.last(),
+            Some(&RegionIndex(2 + PREFETCH_REGIONS))
+        );
+        assert_eq!(al.len(), PREFETCH_REGIONS as usize + 1);
+        // Near the end of the volume: nothing past the last region.
+        al.prefetch(95 * M, 96 * M, M, 100, 0, &mut meta);
+        al.prefetch(96 * M, 97 * M, M, 100, 0, &mut meta);
+        assert!(al.regions().iter().all(|r| r.0 < 100));
+        assert!(al.regions().contains(&RegionIndex(99)));
+        // A full log stops prefetching (no eviction for a guess).
+        let mut meta = MetaQueue::default();
+        let mut al = ActivityLog::new(3, &set(&[]), 0);
+        al.prefetch(0, M, M, 100, 0, &mut meta);
+        al.prefetch(M, 2 * M, M, 100, 0, &mut meta);
+        assert_eq!(al.regions(), set(&[2, 3, 4]));
     }
 }

@@ -12,10 +12,13 @@ use crate::ids::{RegionSet, ReplicaId};
 pub const DEFAULT_REGION_SIZE_BYTES: u64 = 1 << 20;
 
 /// Default number of regions the activity log may hold at once (DRBD's `al-extents`).
-/// 1024 × 1 MiB = at most 1 GiB to reconcile after an attachment crash, a few seconds on
-/// the disks and links we target. When the log is full, a write that needs a new region
-/// waits until a region goes cold (the core issues its own flush to cool idle regions).
-pub const DEFAULT_MAX_ACTIVE_REGIONS: usize = 1024;
+/// 4096 × 1 MiB = at most 4 GiB to reconcile after an attachment crash (a few seconds on
+/// the disks and links we target; usually far less, since idle regions go cold after
+/// `DEFAULT_AL_HOT_MS`). DRBD's default covers ~4.8 GiB (1237 × 4 MiB extents). When the log
+/// is full, a write that needs a new region evicts the least recently used flushed regions
+/// (see the design doc); a working set larger than the log costs a flush per eviction
+/// round on every replica.
+pub const DEFAULT_MAX_ACTIVE_REGIONS: usize = 4096;
 
 /// Default time a region stays in the activity log after its last write, so a burst of
 /// writes to one region costs one durable log update, not one per write.

@@ -107,7 +107,9 @@ fn render_replication(attachments: &[std::sync::Arc<super::attach::Attachment>],
          # HELP blockwarden_replica_resync_rate_bytes_per_second Resync copy rate over the last seconds.\n# TYPE blockwarden_replica_resync_rate_bytes_per_second gauge\n\
          # HELP blockwarden_replica_resynced_bytes_total Bytes copied to the replica by resync since the volume was attached here.\n# TYPE blockwarden_replica_resynced_bytes_total counter\n\
          # HELP blockwarden_volume_in_sync_replicas Replicas of the attached volume that are in sync.\n# TYPE blockwarden_volume_in_sync_replicas gauge\n\
-         # HELP blockwarden_volume_reconciled_regions_total Regions copied by crash reconciliation since the volume was attached here.\n# TYPE blockwarden_volume_reconciled_regions_total counter\n",
+         # HELP blockwarden_volume_reconciled_regions_total Regions copied by crash reconciliation since the volume was attached here.\n# TYPE blockwarden_volume_reconciled_regions_total counter\n\
+         # HELP blockwarden_volume_activity_log_regions Regions in the activity log (what a crash of this attachment would make the next one reconcile).\n# TYPE blockwarden_volume_activity_log_regions gauge\n\
+         # HELP blockwarden_volume_activity_log_evictions_total Regions evicted from the full activity log since the volume was attached here (a working set larger than the log; each round costs a flush on every replica).\n# TYPE blockwarden_volume_activity_log_evictions_total counter\n",
     );
     for a in attachments {
         let Some(r) = a.replicated.get() else {
@@ -155,6 +157,16 @@ fn render_replication(attachments: &[std::sync::Arc<super::attach::Attachment>],
             out,
             "blockwarden_volume_reconciled_regions_total{{{l}}} {}",
             status.reconciled_regions
+        );
+        let _ = writeln!(
+            out,
+            "blockwarden_volume_activity_log_regions{{{l}}} {}",
+            status.core.active_regions
+        );
+        let _ = writeln!(
+            out,
+            "blockwarden_volume_activity_log_evictions_total{{{l}}} {}",
+            status.core.evicted_regions
         );
     }
 }

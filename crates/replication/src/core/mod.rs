@@ -24,6 +24,10 @@ use crate::ids::{
 use crate::io::{CatalogOp, CopyPurpose, Effect, Event, RequestError, StopReason};
 use crate::replica::{Membership, Replica, ReplicaState, ReplicaStatus};
 
+/// Activity-log fill (numerator, denominator) above which the core keeps a flush going so
+/// that eviction finds flushed regions when the log fills up.
+const LOG_HIGH_WATER: (usize, usize) = (3, 4);
+
 /// Where the attachment is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Phase {
@@ -115,6 +119,9 @@ pub struct Status {
     pub replicas: Vec<ReplicaStatus>,
     /// Regions in the activity log.
     pub active_regions: usize,
+    /// Regions evicted from the full activity log so far (a working set larger than the
+    /// log: each eviction round costs a flush on every replica).
+    pub evicted_regions: u64,
     /// Client requests held or in flight.
     pub requests: usize,
 }
@@ -150,6 +157,8 @@ pub struct Replicator {
     /// AL-relevant flushes issued so far / highest one completed on every target.
     flushes_issued: u64,
     durable_flush: u64,
+    /// When the last flush for activity-log cooling was queued.
+    last_cooling_flush_ms: u64,
 }
 
 impl Replicator {
@@ -204,6 +213,7 @@ impl Replicator {
             next_id: 0,
             flushes_issued: 0,
             durable_flush: 0,
+            last_cooling_flush_ms: 0,
         }
     }
 
@@ -291,6 +301,7 @@ impl Replicator {
             }
             let mut moved = self.advance_phase(out);
             moved |= self.dispatch_writes(out);
+            moved |= self.keep_log_room();
             moved |= self.dispatch_flushes(out);
             moved |= self.dispatch_reads(out);
             moved |= self.schedule_copies(out);
@@ -313,12 +324,7 @@ impl Replicator {
             return;
         }
         let (now, hot) = (self.now_ms, self.cfg.al_hot_ms);
-        // While the catalog may count a replica that is not receiving writes (a failed one
-        // not yet dropped), nothing goes cold: a new attachment would treat that replica as
-        // in sync and reconcile only the log's regions, so the log must still cover every
-        // region it may lack.
-        let absent_member = self.replicas.values().any(|r| r.counts() && !r.receiving());
-        if !absent_member {
+        if !self.absent_member() {
             self.al.cool(
                 now,
                 hot,
@@ -327,18 +333,54 @@ impl Replicator {
                 &mut self.meta,
             );
         }
-        let internal_pending = self.flushes.values().any(|f| f.kind == FlushKind::Internal);
-        if !internal_pending && self.al.wants_flush(now, hot, self.durable_flush) {
-            let op = self.next_op();
-            let f = FlushOp {
-                kind: FlushKind::Internal,
-                seq: 0,
-                sent: false,
-                legs: BTreeMap::new(),
-                replied: false,
-            };
-            self.flushes.insert(op, f);
+        // Cooling is not urgent: at most one flush per half hot time for it, so a stream of
+        // regions going idle one by one does not cost a device flush per tick.
+        if now >= self.last_cooling_flush_ms + hot / 2
+            && self.al.wants_flush(now, hot, self.durable_flush)
+            && self.internal_flush()
+        {
+            self.last_cooling_flush_ms = now;
         }
+    }
+
+    /// While the catalog may count a replica that is not receiving writes (a failed one not
+    /// yet dropped), nothing leaves the activity log (neither cold nor evicted): a new
+    /// attachment would treat that replica as in sync and reconcile only the log's regions,
+    /// so the log must still cover every region it may lack.
+    pub(super) fn absent_member(&self) -> bool {
+        self.replicas.values().any(|r| r.counts() && !r.receiving())
+    }
+
+    /// Keeps eviction candidates ready: when a write found the activity log full, or the
+    /// log is over [`LOG_HIGH_WATER`] full, and a flush would let idle regions be evicted,
+    /// issue one now (one at a time) rather than at the next tick. Without the high-water
+    /// mark a write that needs room waits for a whole flush, which makes every replica write
+    /// back all its dirty pages (hundreds of ms under a sequential stream).
+    fn keep_log_room(&mut self) -> bool {
+        let starved = self.al.take_starved();
+        let high =
+            self.al.len() * LOG_HIGH_WATER.1 >= self.cfg.max_active_regions * LOG_HIGH_WATER.0;
+        (starved || high)
+            && !self.absent_member()
+            && self.al.flush_frees_room(self.durable_flush)
+            && self.internal_flush()
+    }
+
+    /// Queues an internal flush unless one is pending; true if it queued one.
+    fn internal_flush(&mut self) -> bool {
+        if self.flushes.values().any(|f| f.kind == FlushKind::Internal) {
+            return false;
+        }
+        let op = self.next_op();
+        let f = FlushOp {
+            kind: FlushKind::Internal,
+            seq: 0,
+            sent: false,
+            legs: BTreeMap::new(),
+            replied: false,
+        };
+        self.flushes.insert(op, f);
+        true
     }
 
     fn meta_persisted(&mut self, batch: crate::ids::MetaBatchId) {
@@ -457,6 +499,7 @@ impl Replicator {
             },
             replicas,
             active_regions: self.al.len(),
+            evicted_regions: self.al.evicted(),
             requests: self.requests.len(),
         }
     }

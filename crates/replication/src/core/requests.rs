@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::activity_log::Room;
 use crate::config::MAX_CLIENT_REQUESTS;
 use crate::ids::{ByteRange, DataHandle, OpId, ReplicaId, RequestId, SessionId};
 use crate::io::{Completion, Effect, ReplicaOutcome, RequestError, StopReason};
@@ -69,6 +70,17 @@ impl Replicator {
                 result: Ok(Completion::Written),
             });
             return;
+        }
+        if self.serving() {
+            let size = self.cfg.region_size_bytes;
+            self.al.prefetch(
+                offset,
+                offset + len,
+                size,
+                self.cfg.volume_size_bytes.div_ceil(size),
+                self.now_ms,
+                &mut self.meta,
+            );
         }
         let op = self.next_op();
         let w = WriteOp {
@@ -154,7 +166,11 @@ impl Replicator {
             // The activity-log rule: a region is durably in the log before any write to it
             // goes out, so a crash of this attachment always knows where replicas may differ.
             let regions = self.writes[&op].regions.clone();
-            if !self.al.admit(&regions, self.now_ms, &mut self.meta) {
+            let room = (!self.absent_member()).then_some(Room {
+                durable_flush: self.durable_flush,
+                locked: &self.copy_locks,
+            });
+            if !self.al.admit(&regions, self.now_ms, room, &mut self.meta) {
                 continue;
             }
             self.send_write(op, out);
