@@ -19,6 +19,10 @@ struct AlRegion {
     durable: bool,
     /// Writes (and reconciliation copies) touching it not yet finished on every target.
     inflight: u32,
+    /// A write or copy touching it went out since it entered the log (always true for the
+    /// previous attachment's regions). A region only prefetched, or admitted for a write
+    /// still queued, cannot differ between replicas.
+    written: bool,
     /// Last time a write touched it (hot timer).
     last_touch_ms: u64,
     /// The flush sequence number that must have completed everywhere before the region may
@@ -67,6 +71,7 @@ impl ActivityLog {
                 let entry = AlRegion {
                     durable: true,
                     inflight: 0,
+                    written: true,
                     last_touch_ms: now_ms,
                     needs_flush: 1,
                 };
@@ -84,6 +89,16 @@ impl ActivityLog {
 
     pub fn regions(&self) -> RegionSet {
         self.regions.keys().copied().collect()
+    }
+
+    /// The regions a write or copy went out to since they entered the log: where replicas
+    /// may differ now (what a failed replica may lack).
+    pub fn written_regions(&self) -> RegionSet {
+        self.regions
+            .iter()
+            .filter(|(_, e)| e.written)
+            .map(|(r, _)| *r)
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -127,6 +142,7 @@ impl ActivityLog {
             let entry = AlRegion {
                 durable,
                 inflight: 0,
+                written: false,
                 last_touch_ms: now_ms,
                 needs_flush: 0,
             };
@@ -184,6 +200,7 @@ impl ActivityLog {
             let entry = AlRegion {
                 durable,
                 inflight: 0,
+                written: false,
                 last_touch_ms: now_ms,
                 needs_flush: 0,
             };
@@ -255,6 +272,7 @@ impl ActivityLog {
         for r in regions {
             if let Some(e) = self.regions.get_mut(r) {
                 e.inflight += 1;
+                e.written = true;
                 e.last_touch_ms = now_ms;
             }
         }
@@ -492,6 +510,10 @@ mod tests {
         let want: Vec<_> = (2..2 + PREFETCH_REGIONS).map(RegionIndex).collect();
         assert_eq!(meta.pending.al_add, want);
         assert_eq!(al.len(), PREFETCH_REGIONS as usize);
+        // Prefetched regions no write went out to cannot differ between replicas.
+        assert!(al.written_regions().is_empty());
+        al.begin(&[RegionIndex(2)], 0);
+        assert_eq!(al.written_regions(), set(&[2]));
         // The next one adds only the one region not there yet.
         al.prefetch(2 * M, 3 * M, M, 100, 0, &mut meta);
         assert_eq!(

@@ -316,10 +316,22 @@ impl Driver {
                     eprintln!("repl-driver event: {ev:?}");
                 }
                 self.core.apply(ev, &mut out);
+                // Requests to the local replica go last: a local write may be a blocking
+                // `pwrite` on this thread (the store's inline path), and the remote legs of
+                // the same writes should be on the wire meanwhile, not after it. Effects of
+                // one replica keep their order.
+                let mut local = Vec::new();
                 for e in out.drain(..) {
                     if self.trace {
                         eprintln!("repl-driver   effect: {e:?}");
                     }
+                    if self.is_local_request(&e) {
+                        local.push(e);
+                    } else {
+                        self.perform(e);
+                    }
+                }
+                for e in local {
                     self.perform(e);
                 }
             }
@@ -332,6 +344,16 @@ impl Driver {
                 return;
             }
         }
+    }
+
+    fn is_local_request(&self, e: &Effect) -> bool {
+        let replica = match e {
+            Effect::SendWrite { replica, .. }
+            | Effect::SendFlush { replica, .. }
+            | Effect::SendRead { replica, .. } => replica,
+            _ => return false,
+        };
+        self.slots.get(replica).is_some_and(|s| s.local)
     }
 
     fn perform(&mut self, e: Effect) {

@@ -36,11 +36,13 @@ impl Replicator {
         }));
     }
 
-    /// Adds every region of the activity log to the replica's dirty set: it may lack any
-    /// write not yet flushed everywhere, and those are exactly the log's regions.
+    /// Adds the activity log's written regions to the replica's dirty set: it may lack any
+    /// write not yet flushed everywhere, and those are in the log's regions that a write
+    /// went out to (a region only prefetched, or whose writes are still queued, cannot
+    /// differ: a write sent later marks the non-receiving replica dirty itself).
     fn seed_dirty_from_log(&mut self, id: ReplicaId) {
         let r = self.replicas.get_mut(&id).expect("replica");
-        for k in self.al.regions() {
+        for k in self.al.written_regions() {
             if r.mark_dirty(k) {
                 self.meta.dirty(id, k);
             }
