@@ -51,14 +51,23 @@ impl Server {
         Server::start_with(|b| b).await
     }
 
-    /// Starts a server whose volume backend is wrapped by `wrap` (to slow it down).
+    /// Starts a server whose volume backend is wrapped by `wrap` (to slow it down or hold
+    /// writes). Every write goes to the store's I/O threads (`inline_write_max: 0`): a write
+    /// held for seconds inline would block a runtime worker, and a task parked in that
+    /// worker's LIFO slot cannot be stolen, which stalled the test's own tasks until the
+    /// hold timed out (`newer_session_drains_and_fences_older_session` then saw the drain
+    /// "succeed" after the held write had panicked out).
     pub async fn start_with(wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>) -> Server {
         let dir = TempDir::new("peer").unwrap();
         let path = store::create_volume_file(dir.path(), "vol.img", VOLUME_BYTES).unwrap();
         let meta = store::default_meta_path(&path);
         Replica::create_meta(&meta).unwrap();
         let backend = wrap(Arc::new(FileBackend::open(&path).unwrap()));
-        let volume = LocalVolume::with_backend(backend, VOLUME_BYTES, Default::default());
+        let options = store::VolumeOptions {
+            inline_write_max: 0,
+            ..Default::default()
+        };
+        let volume = LocalVolume::with_backend(backend, VOLUME_BYTES, options);
         let replica = Arc::new(Replica::open(volume, &meta, ReplicaOptions::default()).unwrap());
         let provider = MapProvider::default();
         provider
