@@ -130,25 +130,29 @@ impl ActivityLog {
             }
         }
         for r in regions {
-            if self.regions.contains_key(r) {
-                continue;
+            if !self.regions.contains_key(r) {
+                self.insert(*r, now_ms, meta);
             }
-            // A removal not yet handed to the driver is simply cancelled: the persisted log
-            // still holds the region.
-            let durable = meta.cancel_al_remove(*r);
-            if !durable {
-                meta.pending.al_add.push(*r);
-            }
-            let entry = AlRegion {
-                durable,
-                inflight: 0,
-                written: false,
-                last_touch_ms: now_ms,
-                needs_flush: 0,
-            };
-            self.regions.insert(*r, entry);
         }
         regions.iter().all(|r| self.regions[r].durable)
+    }
+
+    /// Adds `r` (not in the log) and queues its durable addition.
+    fn insert(&mut self, r: RegionIndex, now_ms: u64, meta: &mut MetaQueue) {
+        // A removal not yet handed to the driver is simply cancelled: the persisted log
+        // still holds the region.
+        let durable = meta.cancel_al_remove(r);
+        if !durable {
+            meta.pending.al_add.push(r);
+        }
+        let entry = AlRegion {
+            durable,
+            inflight: 0,
+            written: false,
+            last_touch_ms: now_ms,
+            needs_flush: 0,
+        };
+        self.regions.insert(r, entry);
     }
 
     /// Sequential read-ahead for the log: a write `[start, end)` that starts where a recent
@@ -193,18 +197,7 @@ impl ActivityLog {
             if self.regions.len() >= self.max_regions {
                 return;
             }
-            let durable = meta.cancel_al_remove(r);
-            if !durable {
-                meta.pending.al_add.push(r);
-            }
-            let entry = AlRegion {
-                durable,
-                inflight: 0,
-                written: false,
-                last_touch_ms: now_ms,
-                needs_flush: 0,
-            };
-            self.regions.insert(r, entry);
+            self.insert(r, now_ms, meta);
         }
     }
 
@@ -212,10 +205,7 @@ impl ActivityLog {
     /// touching it is in flight, a flush that covers its last write completed on every
     /// replica written (so the replicas agree on it), and no copy holds it.
     fn evictable(r: &RegionIndex, e: &AlRegion, room: &Room<'_>) -> bool {
-        e.durable
-            && e.inflight == 0
-            && e.needs_flush <= room.durable_flush
-            && !room.locked.contains(r)
+        Self::idle(e, 0, 0) && e.needs_flush <= room.durable_flush && !room.locked.contains(r)
     }
 
     /// LRU eviction: removes at least `need` (and up to [`EVICT_BATCH`]) of the least
@@ -257,9 +247,7 @@ impl ActivityLog {
     /// True when a flush would let some region be evicted: idle, durable, its last write
     /// not yet covered by a flush completed everywhere.
     pub fn flush_frees_room(&self, durable_flush: u64) -> bool {
-        self.regions
-            .values()
-            .any(|e| e.durable && e.inflight == 0 && e.needs_flush > durable_flush)
+        self.wants_flush(0, 0, durable_flush)
     }
 
     /// Regions evicted so far to make room.
@@ -313,14 +301,14 @@ impl ActivityLog {
         locked: &RegionSet,
         meta: &mut MetaQueue,
     ) {
+        let room = Room {
+            durable_flush,
+            locked,
+        };
         let cold: Vec<RegionIndex> = self
             .regions
             .iter()
-            .filter(|(r, e)| {
-                Self::idle(e, now_ms, hot_ms)
-                    && e.needs_flush <= durable_flush
-                    && !locked.contains(r)
-            })
+            .filter(|(r, e)| Self::idle(e, now_ms, hot_ms) && Self::evictable(r, e, &room))
             .map(|(r, _)| *r)
             .collect();
         for r in cold {

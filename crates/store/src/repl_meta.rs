@@ -276,26 +276,20 @@ impl Slots {
     fn into_blob(self, path: &Path) -> Result<Option<Vec<u8>>, ReplicaError> {
         let newest = self.newest();
         let [s0, s1] = self.0;
-        match newest {
-            Some((0, _)) => Ok(Some(blob_of(s0))),
-            Some(_) => Ok(Some(blob_of(s1))),
-            None => match (s0, s1) {
-                (Slot::Damaged(reason), _) | (_, Slot::Damaged(reason)) => {
-                    Err(ReplicaError::MetaCorrupt {
-                        path: path.into(),
-                        reason,
-                    })
-                }
-                _ => Ok(None),
-            },
+        let pair = match newest {
+            Some((1, _)) => (s1, s0),
+            _ => (s0, s1),
+        };
+        match pair {
+            (Slot::Valid { blob, .. }, _) => Ok(Some(blob)),
+            (Slot::Damaged(reason), _) | (_, Slot::Damaged(reason)) => {
+                Err(ReplicaError::MetaCorrupt {
+                    path: path.into(),
+                    reason,
+                })
+            }
+            _ => Ok(None),
         }
-    }
-}
-
-fn blob_of(s: Slot) -> Vec<u8> {
-    match s {
-        Slot::Valid { blob, .. } => blob,
-        _ => unreachable!("newest() names a valid slot"),
     }
 }
 

@@ -6,11 +6,12 @@
 //! `clear_page_erms` under bulk writes). Recycling the buffer of a finished request skips
 //! both.
 //!
-//! Who uses it: the NBD reader takes WRITE payload buffers ([`take`]), the store gives them
-//! back after the `pwrite` ([`give`]); the store takes READ buffers ([`take_filled`]), the
-//! NBD writer gives them back after sending the reply. Giving back is an optimisation on the
-//! side: a buffer that is dropped instead is simply freed, nothing leaks, and the
-//! `BlockDevice` API still passes plain `Vec<u8>`s.
+//! Who uses it: the NBD reader and the peer server take WRITE payload buffers ([`take`]);
+//! they travel as a [`crate::DataBuf`], whose last owner (the store after its `pwrite`, or
+//! the last replica leg) gives them back ([`give`]); the store takes READ buffers
+//! ([`take_filled`]), the NBD writer gives them back after sending the reply. Giving back is
+//! an optimisation on the side: a buffer that is dropped instead is simply freed, nothing
+//! leaks.
 //!
 //! Size classes are the powers of two from [`MIN_POOLED_LEN`] to [`MAX_POOLED_LEN`]; a
 //! request is served from the smallest class that fits, a buffer returns to the largest

@@ -22,29 +22,11 @@ impl DataBuf {
     pub fn new(bytes: Vec<u8>) -> DataBuf {
         DataBuf(Arc::new(bytes))
     }
-
-    pub fn as_slice(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// The bytes as an owned `Vec`: free when this is the only owner, a copy otherwise.
-    pub fn into_vec(mut self) -> Vec<u8> {
-        match Arc::get_mut(&mut self.0) {
-            Some(v) => std::mem::take(v),
-            None => self.0.as_ref().clone(),
-        }
-    }
 }
 
 impl Deref for DataBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl AsRef<[u8]> for DataBuf {
-    fn as_ref(&self) -> &[u8] {
         &self.0
     }
 }
@@ -55,15 +37,9 @@ impl From<Vec<u8>> for DataBuf {
     }
 }
 
-impl From<&[u8]> for DataBuf {
-    fn from(v: &[u8]) -> DataBuf {
-        DataBuf::new(v.to_vec())
-    }
-}
-
 impl PartialEq for DataBuf {
     fn eq(&self, other: &DataBuf) -> bool {
-        self.as_slice() == other.as_slice()
+        **self == **other
     }
 }
 
@@ -106,11 +82,5 @@ mod tests {
         assert_eq!(bufpool::stats().kept, kept, "still owned by b");
         drop(b);
         assert!(bufpool::stats().kept > kept, "the last owner gave it back");
-        let only = DataBuf::from(vec![1u8, 2, 3]);
-        assert_eq!(only.into_vec(), vec![1, 2, 3]);
-        let shared = DataBuf::from(vec![4u8; 10]);
-        let other = shared.clone();
-        assert_eq!(shared.into_vec(), vec![4u8; 10]);
-        assert_eq!(&*other, &[4u8; 10][..]);
     }
 }
