@@ -203,7 +203,17 @@ async fn takeover_after_a_crash_reconciles_the_previous_activity_log() {
         let mut rng = Rng(5);
         write_load(&dev, &mut rng, (0, 8 * MIB), 100_000, 8).await
     });
-    wait_until("log populated", || a.dev.status().core.active_regions >= 4).await;
+    // The log's size alone is no proof that any write was acknowledged (regions enter it
+    // before their writes go out, and sequential prefetch adds some): also wait until a
+    // replica stored more than one batch, so the load's first batch was answered.
+    let stored = || {
+        let s = c.replica(0).store.volume().stats();
+        s.writes_inline + s.writes_queued
+    };
+    wait_until("log populated", || {
+        a.dev.status().core.active_regions >= 4 && stored() > 8
+    })
+    .await;
     a.dev.stop("simulated crash");
     tokio::time::timeout(DEADLINE, a.dev.closed())
         .await
