@@ -43,7 +43,9 @@
 # (bytes/s; read from the agent's source by default), SYSCOUNT (1), CEPH (0), CEPH_DIR
 # (../shared/bench/ceph), SEED, KEEPALIVE_S (1), PERF (1: perf-record the agents during
 # rep 0's fio jobs and the unthrottled resync into <results>/perf-*.data; distorts those
-# numbers), BENCH_TIMEOUT (3600 s, whole driver).
+# numbers), NBD_TRANSPORT (unix: repl part's fio reaches our agent and qemu-nbd through their
+# unix sockets, as qemu on the attachment's host does; tcp: n1's address), BENCH_TIMEOUT
+# (3600 s, whole driver).
 # Results: bench/results/<stamp>.cluster/ (summary.txt, *.tsv, driver.log, machine.txt).
 set -euo pipefail
 
@@ -105,7 +107,7 @@ export OUT
     echo "git: $(git rev-parse --short HEAD) + $(git status --short | wc -l) changed/untracked paths"
     echo "blockwarden: $(ls -l --time-style=+%FT%T "$BW_BIN" | awk '{print $6}') sha256 $(sha256sum "$BW_BIN" | cut -c1-12)"
     echo "qemu-nbd: $(qemu-nbd --version 2>/dev/null | head -1 || echo none)"
-    echo "knobs: QUICK=${QUICK:-0} PARTS=$PARTS TAKEOVER_RUNS=$TAKEOVER_RUNS POLL_MS=$POLL_MS CP_OPS=$CP_OPS CLI_OPS=$CLI_OPS ETCD_OPS=$ETCD_OPS TP_REPS=$TP_REPS FIO_RUNTIME=$FIO_RUNTIME FIO_RAMP=$FIO_RAMP TP_SIZE=$TP_SIZE IPERF_SECS=$IPERF_SECS RESYNC_RATE=$RESYNC_RATE RESYNC_KEEP=$RESYNC_KEEP RESYNC_JOBS=$RESYNC_JOBS CEPH=$CEPH"
+    echo "knobs: QUICK=${QUICK:-0} PARTS=$PARTS TAKEOVER_RUNS=$TAKEOVER_RUNS POLL_MS=$POLL_MS CP_OPS=$CP_OPS CLI_OPS=$CLI_OPS ETCD_OPS=$ETCD_OPS TP_REPS=$TP_REPS FIO_RUNTIME=$FIO_RUNTIME FIO_RAMP=$FIO_RAMP TP_SIZE=$TP_SIZE IPERF_SECS=$IPERF_SECS RESYNC_RATE=$RESYNC_RATE RESYNC_KEEP=$RESYNC_KEEP RESYNC_JOBS=$RESYNC_JOBS CEPH=$CEPH NBD_TRANSPORT=${NBD_TRANSPORT:-unix}"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt"
 

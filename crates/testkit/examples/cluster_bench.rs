@@ -76,6 +76,9 @@ struct Cfg {
     ceph: bool,
     ceph_dir: PathBuf,
     syscount: bool,
+    /// repl part: how fio reaches the NBD servers (ours and qemu-nbd) in n1: "unix" (the
+    /// path qemu on the attachment's host uses, README) or "tcp" (n1's address)
+    nbd_transport: String,
 }
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
@@ -133,6 +136,14 @@ impl Cfg {
             },
             ceph: env_or("CEPH", 0u8) == 1,
             syscount: env_or("SYSCOUNT", 1u8) == 1,
+            nbd_transport: {
+                let t: String = env_or("NBD_TRANSPORT", "unix".to_owned());
+                assert!(
+                    t == "unix" || t == "tcp",
+                    "NBD_TRANSPORT={t:?}: unix or tcp"
+                );
+                t
+            },
             ceph_dir: PathBuf::from(env_or(
                 "CEPH_DIR",
                 "../shared/bench/ceph".to_owned(),
@@ -2021,12 +2032,21 @@ fn outage(
 #[allow(clippy::too_many_lines)]
 fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)> {
     let mut api = Http::new(c.agent("n1").api_addr());
+    let n1_sock = c.agent("n1").data_dir().join("nbd.sock");
     let nbd_uri = |vol: &str| {
-        format!(
-            "nbd://{}/{vol}",
-            SocketAddr::from((c.lab.addr("n1"), testkit::cluster::agent::NBD_PORT))
-        )
+        if cfg.nbd_transport == "unix" {
+            format!("nbd+unix:///{vol}?socket={}", n1_sock.display())
+        } else {
+            format!(
+                "nbd://{}/{vol}",
+                SocketAddr::from((c.lab.addr("n1"), testkit::cluster::agent::NBD_PORT))
+            )
+        }
     };
+    rep.line(format!(
+        "NBD transport for fio (ours and qemu-nbd): {} (NBD_TRANSPORT)",
+        cfg.nbd_transport
+    ));
     let size = cfg.tp_size.clone();
     let mut verdicts = Vec::new();
     // The tp part's volumes are done with: drop them so their files and dirty pages do not
@@ -2146,6 +2166,9 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
             }
         };
         let addr = SocketAddr::from((c.lab.addr("n1"), 10810));
+        let qsock = scratch.join("qemu-nbd.sock");
+        let _ = std::fs::remove_file(&qsock);
+        let unix = cfg.nbd_transport == "unix";
         let mut q = Command::new("qemu-nbd");
         q.args([
             "-f",
@@ -2155,30 +2178,45 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
             "-t",
             "-e",
             "8",
-            "-b",
-            &addr.ip().to_string(),
-            "-p",
-            "10810",
-        ])
-        .arg(&raw)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        ]);
+        if unix {
+            q.arg("-k").arg(&qsock);
+        } else {
+            q.args(["-b", &addr.ip().to_string(), "-p", "10810"]);
+        }
+        q.arg(&raw)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         let qp = c.lab.spawn_in("n1", q, "qemu-nbd");
         let up = (0..100).any(|_| {
             std::thread::sleep(Duration::from_millis(100));
-            c.lab
-                .tcp_connect(Some("n1"), addr, Duration::from_secs(1))
-                .is_ok()
+            if unix {
+                std::os::unix::net::UnixStream::connect(&qsock).is_ok()
+            } else {
+                c.lab
+                    .tcp_connect(Some("n1"), addr, Duration::from_secs(1))
+                    .is_ok()
+            }
         });
-        assert!(up, "qemu-nbd did not listen on {addr} within 10 s");
+        assert!(up, "qemu-nbd did not listen within 10 s");
+        let (how, uri) = if unix {
+            (
+                format!("-k {}", qsock.display()),
+                format!("nbd+unix:///?socket={}", qsock.display()),
+            )
+        } else {
+            (
+                format!("-b {} -p 10810", addr.ip()),
+                format!("nbd://{addr}/"),
+            )
+        };
         rep.line(format!(
-            "qemu-nbd -f raw --cache=none --aio={aio} -t -e 8 -b {} -p 10810 {} (in n1's namespace; the raw file)",
-            addr.ip(),
+            "qemu-nbd -f raw --cache=none --aio={aio} -t -e 8 {how} {} (in n1's namespace; the raw file)",
             raw.display()
         ));
         targets.push(Target {
             name: "qemu-nbd",
-            args: vec!["--ioengine=nbd".into(), format!("--uri=nbd://{addr}/")],
+            args: vec!["--ioengine=nbd".into(), format!("--uri={uri}")],
             ns: Some("n1"),
             env: vec![],
             pids: vec![qp],
