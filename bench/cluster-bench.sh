@@ -85,7 +85,7 @@ if [[ $BUILD == 1 ]]; then
     cargo build --release -p blockwarden
     cargo build --release -p testkit --example cluster_bench
 fi
-BW_BIN=$ROOT/target/release/blockwarden
+BW_BIN=${BW_BIN:-$ROOT/target/release/blockwarden}
 DRIVER=$ROOT/target/release/examples/cluster_bench
 [[ -x $BW_BIN && -x $DRIVER ]] || die "missing $BW_BIN or $DRIVER (run with BUILD=1)"
 export BW_BIN

@@ -1742,6 +1742,57 @@ fn syscalls_stop(p: Option<(std::process::Child, PathBuf)>) -> Option<(f64, f64)
     seen.then_some((syncs, renames))
 }
 
+/// CPU milliseconds of every thread of `pids`, keyed by (pid, tid, thread name).
+fn thread_cpu_ms(pids: &[u32]) -> BTreeMap<(u32, u32, String), f64> {
+    let mut out = BTreeMap::new();
+    for &pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Ok(tid) = t.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let s = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let tick = 1000.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+            let u: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+            let st: f64 = f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+            out.insert((pid, tid, comm.trim().to_owned()), (u + st) * tick);
+        }
+    }
+    out
+}
+
+/// Threads that used CPU between two `thread_cpu_ms` snapshots, busiest first, as
+/// "pid/tid name NN%" of `wall`.
+fn thread_busy(
+    a: &BTreeMap<(u32, u32, String), f64>,
+    b: &BTreeMap<(u32, u32, String), f64>,
+    wall: Duration,
+) -> String {
+    let mut v: Vec<(f64, String)> = b
+        .iter()
+        .map(|(k, ms)| {
+            let d = ms - a.get(k).copied().unwrap_or(0.0);
+            (
+                100.0 * d / (wall.as_secs_f64() * 1000.0).max(1.0),
+                format!("{}/{} {}", k.0, k.1, k.2),
+            )
+        })
+        .filter(|(p, _)| *p >= 1.0)
+        .collect();
+    v.sort_by(|x, y| y.0.total_cmp(&x.0));
+    v.iter()
+        .map(|(p, n)| format!("{n} {p:.0}%"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn cpu_ms(pids: &[u32]) -> f64 {
     pids.iter().map(|p| proc_cpu_ms(Some(*p))).sum()
 }
@@ -2308,6 +2359,9 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
     let mut cpu: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     let mut durab: BTreeMap<(String, String), Vec<(f64, f64)>> = BTreeMap::new();
     let mut link = Vec::new();
+    // per-thread CPU of the serving processes per job (% of the job's wall time, ramp
+    // included): which stage is the busy one
+    let mut threads = Vec::new();
     for r in 0..cfg.tp_reps {
         let (mibs, tool) = tcp_throughput(&c.lab, "n1", "n2", cfg.iperf_secs, &cfg.out, 100 + r);
         link.push(mibs);
@@ -2326,6 +2380,7 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
                     .then(|| perf_start(&tg.pids, &cfg.out.join(format!("perf-repl-{job}.data"))))
                     .flatten();
                 let sc = syscalls_start(cfg, &tg.pids, &cfg.out.join("syscalls.tmp"));
+                let th0 = (thread_cpu_ms(&tg.pids), Instant::now());
                 let f = fio_on(
                     &c.lab,
                     tg.ns,
@@ -2346,6 +2401,11 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
                     Err(e) => panic!("{e}"),
                 };
                 let busy = busy_pct(j0, cpu_jiffies());
+                threads.push(format!(
+                    "rep {r} {job} {}: {}",
+                    tg.name,
+                    thread_busy(&th0.0, &thread_cpu_ms(&tg.pids), th0.1.elapsed())
+                ));
                 // server CPU per IO (includes the ramp, which fio's IO count does not)
                 let us_io = (cpu_ms(&tg.pids) - c0) * 1000.0 / f.ios.max(1.0);
                 // durability syscalls per IO (also over the ramp: overstated like the CPU)
@@ -2390,6 +2450,7 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
     drop(ceph); // teardown.sh
     let _ = std::fs::remove_file(&raw);
     let _ = api.call("DELETE", "/v1/volumes/r1?force=true", None);
+    let _ = std::fs::write(cfg.out.join("repl-threads.txt"), threads.join("\n") + "\n");
     rep.tsv(
         "repl-throughput.tsv",
         "rep\tjob\ttarget\tMiB_s\tIOPS\tlat_p50_us\tlat_p99_us\tserver_cpu_us_per_io\tserver_syncs_per_io\tserver_renames_per_io\tmachine_busy_pct\tload1",
