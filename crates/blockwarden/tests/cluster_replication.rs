@@ -6,7 +6,8 @@
 //! the load go on, restart n2. Then: the load ended without losing its connection, every
 //! flushed block reads back, both replicas come back in sync, the resync copied at most
 //! the regions the load could have touched (8 of the volume's 64), and after detaching the
-//! two replica files are byte-identical.
+//! two replica files are byte-identical; the detach emptied the activity log, so attaching
+//! on n2 reconciles nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -124,6 +125,44 @@ fn two_replicas_lose_no_flushed_write_when_a_replica_host_dies_and_resync_only_w
     if let Err(e) = same_files(&f1, &f2) {
         panic!("replicas differ after healing: {e}");
     }
+
+    // A clean detach empties the activity log: attaching on the other host reconciles
+    // nothing (a crash would leave up to the 8 regions the load touched).
+    let reconciles = |events: &str| {
+        events
+            .lines()
+            .filter(|l| l.contains("volume.reconcile"))
+            .count()
+    };
+    let before = reconciles(&a.cli_ok(&["events"]));
+    let n2 = c.agent("n2");
+    n2.cli_ok(&["volume", "attach", "vm", "--node", "n2"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            testkit::cluster::inspect::metric(
+                n2,
+                "blockwarden_volume_reconciled_regions_total",
+                "volume=\"vm\"",
+            )
+            .is_some()
+        }),
+        "the attachment on n2 reports its reconciliation metric"
+    );
+    let events = a.cli_ok(&["events"]);
+    assert_eq!(
+        reconciles(&events),
+        before,
+        "attach after a clean detach reconciled regions:\n{events}"
+    );
+    assert_eq!(
+        testkit::cluster::inspect::metric(
+            n2,
+            "blockwarden_volume_reconciled_regions_total",
+            "volume=\"vm\""
+        ),
+        Some(0.0)
+    );
+    n2.cli_ok(&["volume", "detach", "vm"]);
 }
 
 #[test]

@@ -169,6 +169,26 @@ impl ReplicatedDevice {
             .send(Msg::Stop(StopReason::Requested(reason.to_string())));
     }
 
+    /// Clean detach: call once the front end has no request in flight. Empties the
+    /// activity log (a flush on every replica, then the removal of every region, persisted
+    /// on every replica that counts), then stops like [`ReplicatedDevice::stop`]. True if
+    /// the log was emptied within `timeout`: the next attachment then has nothing to
+    /// reconcile. False (timeout, a counted replica down, already stopped): it stopped
+    /// anyway and the next attachment reconciles what the log holds, as after a crash.
+    pub async fn detach(&self, timeout: Duration) -> bool {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let deadline = std::time::Instant::now() + timeout;
+        if self.tx.send(Msg::Detach { deadline, done }).is_err() {
+            return false;
+        }
+        let emptied = rx.await.unwrap_or(false);
+        if !emptied {
+            self.stop("detached");
+        }
+        self.closed().await;
+        emptied
+    }
+
     /// Adds a replica to the live volume (`volume add-replica`): out of sync, with `dirty`
     /// to copy (every allocated region for a new empty replica). The driver connects it
     /// (session 1, then retries), resyncs it, and it joins the in-sync set through the

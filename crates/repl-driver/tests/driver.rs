@@ -248,6 +248,86 @@ async fn takeover_after_a_crash_reconciles_the_previous_activity_log() {
     c.assert_identical();
 }
 
+// Goal: a clean detach leaves nothing to reconcile. Method: a long hot time keeps every
+// written region in the activity log (as a live VM's recent writes are); `detach` must
+// still empty it on both replicas before it stops, and the next attachment must reconcile
+// zero regions. Then the degraded case: a failed replica whose drop the catalog cannot
+// commit still counts, so the log must keep covering it; detach gives up at once (not
+// after its timeout), and the next attachment reconciles what the log held, as after a
+// crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_detach_empties_the_activity_log() {
+    let c = Cluster::new("detach", 2, SIZE);
+    let mut opts = test_options(SIZE);
+    opts.core.al_hot_ms = 60_000;
+    let a = c.attach(1, opts.clone()).await;
+    a.wait_serving().await;
+    let mut rng = Rng(11);
+    assert_eq!(
+        write_load(&a.dev, &mut rng, (0, 16 * MIB), 200, 8).await,
+        200
+    );
+    assert!(a.dev.status().core.active_regions >= 4);
+    let t = Instant::now();
+    let emptied = a.dev.detach(Duration::from_secs(10)).await;
+    assert!(
+        emptied,
+        "detach did not empty the log: {:?}",
+        a.dev.status()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "detach took {:?}",
+        t.elapsed()
+    );
+    assert!(a.dev.stopped().is_some());
+    for i in 0..2 {
+        let blob = c.replica(i).meta.lock().unwrap().clone().expect("blob");
+        let m = MetaState::decode(&blob).unwrap();
+        assert!(
+            m.activity_log.is_empty(),
+            "replica {i} still logs {:?}",
+            m.activity_log
+        );
+    }
+    c.assert_identical();
+
+    let b = c.attach(2, opts.clone()).await;
+    b.wait_serving().await;
+    assert_eq!(b.dev.status().reconciled_regions, 0);
+    let mut rng = Rng(12);
+    assert_eq!(
+        write_load(&b.dev, &mut rng, (0, 16 * MIB), 100, 8).await,
+        100
+    );
+    let logged = b.dev.status().core.active_regions;
+    assert!(logged >= 4);
+    // Idle now; the catalog cannot commit the drop of the replica killed next, so it still
+    // counts without receiving writes: the log must stay.
+    c.catalog.set_mode(CatalogMode::Unavailable);
+    c.replica(1).kill(Duration::from_secs(600));
+    b.wait_state(1, ReplicaState::Leaving).await;
+    let t = Instant::now();
+    assert!(!b.dev.detach(Duration::from_secs(30)).await);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "gave up after {:?}",
+        t.elapsed()
+    );
+    assert!(b.dev.stopped().is_some());
+    let blob = c.replica(0).meta.lock().unwrap().clone().expect("blob");
+    assert!(!MetaState::decode(&blob).unwrap().activity_log.is_empty());
+
+    c.catalog.set_mode(CatalogMode::Normal);
+    c.replica(1).heal();
+    let d = c.attach(3, opts).await;
+    d.wait_serving().await;
+    assert!(d.dev.status().reconciled_regions > 0);
+    d.wait_state(1, ReplicaState::InSync).await;
+    stop(&d).await;
+    c.assert_identical();
+}
+
 /// Bytes resynced to replica 1 so far.
 fn resynced(a: &Attached) -> u64 {
     let st = a.dev.status();

@@ -345,6 +345,11 @@ impl MetaQueue {
         before != self.pending.al_remove.len()
     }
 
+    /// Nothing to persist and nothing being persisted.
+    pub fn idle(&self) -> bool {
+        self.in_flight.is_none() && self.pending.is_empty()
+    }
+
     pub fn dirty(&mut self, replica: ReplicaId, region: RegionIndex) {
         self.pending.dirty_add.push((replica, region));
     }

@@ -76,6 +76,12 @@ pub enum Event {
     /// once connected, and counts only after its resync and "mark in sync" transaction. An
     /// id the core already knows is ignored.
     AddReplica(crate::config::ReplicaInit),
+    /// The front end sends no more client requests (a clean detach): from now on regions
+    /// leave the activity log as soon as they are idle and covered by a flush on every
+    /// replica written (no hot time), and a flush for that is queued at once, so the log
+    /// empties and the next attachment has nothing to reconcile. Safety is unchanged (the
+    /// same rule as cooling); a request that still arrives is served as usual.
+    Quiesce,
 }
 
 /// How a replica answered one operation.

@@ -42,7 +42,7 @@ mod core;
 mod replica;
 
 pub use crate::config::{AttachInit, Config, ReplicaInit, Rules};
-pub use crate::core::{Replicator, Status};
+pub use crate::core::{LogDrain, Replicator, Status};
 pub use crate::ids::{
     ByteRange, CopyId, DataHandle, MetaBatchId, OpId, RegionIndex, RegionSet, ReplicaId, RequestId,
     SessionId, TxnId,

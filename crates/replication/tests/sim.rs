@@ -46,6 +46,7 @@ fn seeds_hold_every_guarantee() {
                 totals.partitions += r.partitions;
                 totals.io_errors += r.io_errors;
                 totals.catalog_outages += r.catalog_outages;
+                totals.quiesces += r.quiesces;
                 totals.regions_copied += r.regions_copied;
                 totals.reconciles += r.reconciles;
             }

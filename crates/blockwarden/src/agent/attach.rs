@@ -415,8 +415,13 @@ impl<C: ClusterStore> Node<C> {
                 u.connections == 0 && !u.explicit
             };
             if done {
-                node.teardown(&att, "volume.released", "its last NBD connection closed")
-                    .await;
+                node.teardown(
+                    &att,
+                    "volume.released",
+                    "its last NBD connection closed",
+                    true,
+                )
+                .await;
             }
         });
     }
@@ -434,7 +439,7 @@ impl<C: ClusterStore> Node<C> {
                 format!("volume {name} has {} open NBD connection(s) on node {}; close them before detaching", u.connections, self.me.name),
             ));
         }
-        self.teardown(&att, "volume.detached", "volume detach")
+        self.teardown(&att, "volume.detached", "volume detach", true)
             .await;
         Ok(())
     }
@@ -444,20 +449,31 @@ impl<C: ClusterStore> Node<C> {
         let _serial = self.attach_lock.lock().await;
         if let Some(att) = self.attachment(name) {
             let _ = att.kill.send(true);
-            self.teardown(&att, "volume.detached", why).await;
+            self.teardown(&att, "volume.detached", why, false).await;
         }
     }
 
     /// Removes an attachment: stop its device, delete the owner key if still ours, clear the
-    /// record. Called with `attach_lock` held.
-    pub async fn teardown(&self, att: &Arc<Attachment>, kind: &'static str, why: &str) {
+    /// record. Called with `attach_lock` held. `clean`: no client I/O is left (detach, last
+    /// connection closed), so a replicated device first empties its activity log.
+    pub async fn teardown(
+        &self,
+        att: &Arc<Attachment>,
+        kind: &'static str,
+        why: &str,
+        clean: bool,
+    ) {
         att.closing.store(true, Ordering::Release);
         self.attachments.lock().unwrap().remove(&att.name);
         if let Some(r) = &att.remote {
             r.close();
         }
         if let Some(r) = att.replicated.get() {
-            super::replicated::stop(&r.device).await;
+            if clean {
+                super::replicated::detach(&r.device).await;
+            } else {
+                super::replicated::stop(&r.device).await;
+            }
         }
         match self.catalog.release_owner(&att.name, att.generation).await {
             Ok(_) => {}

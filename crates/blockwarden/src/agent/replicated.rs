@@ -464,6 +464,27 @@ pub fn wants_replication(rec: &VolumeRecord) -> bool {
             .all(|r| r.state != ReplicaState::Creating)
 }
 
+/// Longest a clean detach waits for the activity log to empty (a flush on every replica,
+/// then one metadata write) before it stops anyway and leaves the log to the next
+/// attachment's reconciliation.
+pub const DETACH_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Detaches a replicated attachment cleanly: empties its activity log (bounded by
+/// [`DETACH_DRAIN_TIMEOUT`]), then stops and waits (bounded) until its sessions are closed.
+pub async fn detach(r: &Arc<ReplicatedDevice>) {
+    let drain = r.detach(DETACH_DRAIN_TIMEOUT);
+    match tokio::time::timeout(DETACH_DRAIN_TIMEOUT + STOP_TIMEOUT, drain).await {
+        Ok(true) => {}
+        Ok(false) => log::info!(
+            "detach: the activity log was not emptied; the next attachment reconciles it"
+        ),
+        Err(_) => {
+            log::warn!("the replication driver did not finish the detach; stopping it");
+            stop(r).await;
+        }
+    }
+}
+
 /// Stops a replicated attachment and waits (bounded) until its sessions are closed.
 pub async fn stop(r: &Arc<ReplicatedDevice>) {
     r.stop("detached");
@@ -610,7 +631,7 @@ impl<C: ClusterStore> Node<C> {
                 )
                 .await;
                 let _ = att.kill.send(true);
-                self.teardown(&att, "volume.detached", &why).await;
+                self.teardown(&att, "volume.detached", &why, false).await;
             }
         }
     }

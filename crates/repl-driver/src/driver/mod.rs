@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use bw_types::{Generation, IoDone, IoError, IoReply, IoRequest};
 use replication::{
-    CopyId, CopyPurpose, DataHandle, Effect, Event, MetaBatchId, Notice, OpId, RegionSet,
+    CopyId, CopyPurpose, DataHandle, Effect, Event, LogDrain, MetaBatchId, Notice, OpId, RegionSet,
     ReplicaId, ReplicaInit, Replicator, RequestId, TxnId, TxnOutcome,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::device::{DriverOptions, DriverStatus, Shared, StopReason};
 use crate::meta::MetaState;
@@ -82,6 +82,12 @@ pub(crate) enum Msg {
         result: Result<u64, (ReplicaId, String, Option<Generation>)>,
     },
     Stop(StopReason),
+    /// Clean detach: empty the activity log (by `deadline`), then stop; `done` is told
+    /// whether the log was emptied.
+    Detach {
+        deadline: Instant,
+        done: oneshot::Sender<bool>,
+    },
     /// A replica added to the live volume, with the regions it lacks.
     AddReplica(ReplicaSpec, RegionSet),
 }
@@ -135,6 +141,8 @@ pub(crate) struct Driver {
     stopped: Option<StopReason>,
     /// `BW_DRIVER_TRACE` set: print every event and effect to stderr (debugging tests).
     trace: bool,
+    /// A clean detach in progress: its deadline and who waits for it.
+    detaching: Option<(Instant, oneshot::Sender<bool>)>,
 }
 
 impl Driver {
@@ -162,6 +170,7 @@ impl Driver {
             events: p.events,
             stopped: None,
             trace: std::env::var_os("BW_DRIVER_TRACE").is_some(),
+            detaching: None,
         }
     }
 
@@ -210,6 +219,7 @@ impl Driver {
                 },
             }
             self.pump();
+            self.check_detach();
             // Every iteration, so a state change is visible before any reply that
             // depended on it is followed by a status read (one clone of a few replicas).
             self.publish_status();
@@ -259,6 +269,42 @@ impl Driver {
                     self.stopped = Some(reason);
                 }
             }
+            Msg::Detach { deadline, done } => {
+                if self.detaching.is_none() {
+                    self.events.push_back(Event::Quiesce);
+                    self.detaching = Some((deadline, done));
+                } else {
+                    let _ = done.send(false);
+                }
+            }
+        }
+    }
+
+    /// A clean detach ends once the activity log is empty on every replica that counts
+    /// (then the next attachment reconciles nothing), or at its deadline, or as soon as
+    /// the log cannot empty (a counted replica is not receiving writes: the log must keep
+    /// covering what it may lack). Either way the attachment then stops; a log left
+    /// behind is reconciled by the next attachment, as after a crash.
+    fn check_detach(&mut self) {
+        let Some((deadline, _)) = &self.detaching else {
+            return;
+        };
+        let emptied = match self.core.log_drain() {
+            LogDrain::Empty if self.meta_pending.is_empty() => true,
+            LogDrain::Blocked => false,
+            _ if Instant::now() >= *deadline => false,
+            _ => return,
+        };
+        let (_, done) = self.detaching.take().expect("checked above");
+        if !emptied {
+            log::warn!(
+                "detach: the activity log still holds {} regions; the next attachment reconciles them",
+                self.core.status().active_regions
+            );
+        }
+        let _ = done.send(emptied);
+        if self.stopped.is_none() {
+            self.stopped = Some(StopReason::Requested("detached".into()));
         }
     }
 

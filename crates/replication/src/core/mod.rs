@@ -109,6 +109,20 @@ struct CopyJob {
     purpose: CopyPurpose,
 }
 
+/// Where emptying the activity log stands ([`Replicator::log_drain`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogDrain {
+    /// The log is empty in memory and no metadata write is pending or in flight: every
+    /// replica that took the last batch holds an empty log.
+    Empty,
+    /// Regions are still in flight, waiting for a flush, or their removal is being
+    /// persisted.
+    Draining,
+    /// It cannot empty now: not serving yet, stopped, or a replica the catalog may still
+    /// count is not receiving writes (the log must keep covering what it may lack).
+    Blocked,
+}
+
 /// Summary for status output and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
@@ -159,6 +173,8 @@ pub struct Replicator {
     durable_flush: u64,
     /// When the last flush for activity-log cooling was queued.
     last_cooling_flush_ms: u64,
+    /// [`Event::Quiesce`] came: regions cool without a hot time.
+    quiescing: bool,
 }
 
 impl Replicator {
@@ -214,6 +230,7 @@ impl Replicator {
             flushes_issued: 0,
             durable_flush: 0,
             last_cooling_flush_ms: 0,
+            quiescing: false,
         }
     }
 
@@ -273,6 +290,10 @@ impl Replicator {
             Event::Fenced { highest } => self.stop(StopReason::Fenced(highest), out),
             Event::LeaseLost => self.stop(StopReason::LeaseLost, out),
             Event::AddReplica(ri) => self.add_replica(ri),
+            Event::Quiesce => {
+                self.quiescing = true;
+                self.tick(self.now_ms);
+            }
         }
         self.pump(out);
     }
@@ -323,7 +344,12 @@ impl Replicator {
         if self.phase != Phase::Serving {
             return;
         }
-        let (now, hot) = (self.now_ms, self.cfg.al_hot_ms);
+        let hot = if self.quiescing {
+            0
+        } else {
+            self.cfg.al_hot_ms
+        };
+        let now = self.now_ms;
         if !self.absent_member() {
             self.al.cool(
                 now,
@@ -466,6 +492,17 @@ impl Replicator {
     /// Regions currently in the activity log (in memory; the persisted log may hold more).
     pub fn activity_log(&self) -> RegionSet {
         self.al.regions()
+    }
+
+    /// Where emptying the activity log after [`Event::Quiesce`] stands.
+    pub fn log_drain(&self) -> LogDrain {
+        if self.is_stopped() || !self.serving() || self.absent_member() {
+            LogDrain::Blocked
+        } else if self.al.len() == 0 && self.meta.idle() {
+            LogDrain::Empty
+        } else {
+            LogDrain::Draining
+        }
     }
 
     /// A dump of the operations in flight (simulation failure reports).

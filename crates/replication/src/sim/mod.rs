@@ -84,6 +84,8 @@ pub struct SimReport {
     pub partitions: u64,
     pub io_errors: u64,
     pub catalog_outages: u64,
+    /// Clean-detach quiesces sent to the current attachment (it keeps taking writes).
+    pub quiesces: u64,
     pub regions_copied: u64,
     pub reconciles: u64,
 }

@@ -527,6 +527,13 @@ impl World {
         if self.rng.chance(1_500) {
             self.atts[cur].catalog_cut_until = self.now + self.rng.range(20, 600);
         }
+        if self.rng.chance(1_000) && self.atts[cur].state == AttState::Running {
+            // A clean detach's first step (regions cool without a hot time); the client
+            // goes on writing, so the log empties and refills under load.
+            self.report.quiesces += 1;
+            self.trace(|| format!("attachment a{cur} quiesces"));
+            self.inbox.push_back((cur, Event::Quiesce));
+        }
         if self.report.takeovers < MAX_FAULT_TAKEOVERS && self.atts[cur].state == AttState::Running
         {
             if self.rng.chance(800) {
