@@ -181,10 +181,8 @@ impl ReplicatedDevice {
         if self.tx.send(Msg::Detach { deadline, done }).is_err() {
             return false;
         }
+        // The loop stops after answering (or dropped the sender because it already stopped).
         let emptied = rx.await.unwrap_or(false);
-        if !emptied {
-            self.stop("detached");
-        }
         self.closed().await;
         emptied
     }

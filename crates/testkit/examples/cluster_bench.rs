@@ -237,17 +237,20 @@ fn busy_pct(a: (u64, u64), b: (u64, u64)) -> f64 {
 
 /// CPU time (ms) of a process, all threads, user + system.
 fn proc_cpu_ms(pid: Option<u32>) -> f64 {
-    let Some(pid) = pid else { return 0.0 };
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
+    pid.and_then(|p| stat_cpu_ms(&format!("/proc/{p}/stat")))
+        .unwrap_or(0.0)
+}
+
+/// User + system CPU time (ms) from a `/proc/.../stat` file (a process or one thread).
+fn stat_cpu_ms(path: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let rest = s.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // after ")": state is field 3, utime 14, stime 15 -> indices 11, 12
     let tick = 1000.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let u: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0);
     let st: f64 = f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
-    (u + st) * tick
+    Some((u + st) * tick)
 }
 
 fn now_utc() -> String {
@@ -1754,15 +1757,9 @@ fn thread_cpu_ms(pids: &[u32]) -> BTreeMap<(u32, u32, String), f64> {
                 continue;
             };
             let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            let s = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-            let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
-                continue;
-            };
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let tick = 1000.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-            let u: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0);
-            let st: f64 = f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
-            out.insert((pid, tid, comm.trim().to_owned()), (u + st) * tick);
+            if let Some(ms) = stat_cpu_ms(&t.path().join("stat").to_string_lossy()) {
+                out.insert((pid, tid, comm.trim().to_owned()), ms);
+            }
         }
     }
     out

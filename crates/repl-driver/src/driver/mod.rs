@@ -290,7 +290,8 @@ impl Driver {
             return;
         };
         let emptied = match self.core.log_drain() {
-            LogDrain::Empty if self.meta_pending.is_empty() => true,
+            // Empty includes "no batch in flight": `meta_pending` is then empty too.
+            LogDrain::Empty => true,
             LogDrain::Blocked => false,
             _ if Instant::now() >= *deadline => false,
             _ => return,
