@@ -83,7 +83,7 @@ fi
 
 if [[ $BUILD == 1 ]]; then
     cargo build --release -p blockwarden
-    cargo build --release -p testkit --example cluster_bench
+    cargo build --release -p testkit --example cluster_bench --example bare_pipeline
 fi
 BW_BIN=${BW_BIN:-$ROOT/target/release/blockwarden}
 DRIVER=$ROOT/target/release/examples/cluster_bench

@@ -163,9 +163,12 @@ fn pool_fills_and_frees(full: &str, seed: u64) {
     };
     let pool = small_pool(&mut c, full);
     scenario(&c, full, seed);
-    // Agents first (they hold the mount), then the pool.
+    // Agents first (they hold the mount), then the pool, then the lab: its directory holds
+    // the mount point, and removing it while mounted left the tree behind in $TMPDIR.
+    let lab = c.lab.clone();
     drop(c);
     drop(pool);
+    drop(lab);
 }
 
 fn scenario(c: &Cluster, full: &str, seed: u64) {

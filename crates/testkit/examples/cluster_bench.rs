@@ -2078,6 +2078,71 @@ fn outage(
 }
 
 #[allow(clippy::too_many_lines)]
+/// Modes of `examples/bare_pipeline.rs` measured per rep next to the raw link.
+const BARE_MODES: [&str; 2] = ["copy", "splice"];
+
+/// The replicated-write data movement with nothing else (`examples/bare_pipeline.rs`):
+/// its "attachment" in n1, its "replica" in n2, files on the agents' file system, 1 MiB
+/// frames at QD8 (4 GiB) over the volume size; the files stay for the next call (removed
+/// at the end of the part). Returns (MiB/s, attachment-side CPU ms per MiB), or
+/// None (with a note) when the example is not built or the run fails.
+fn bare_pipeline(c: &Cluster, cfg: &Cfg, mode: &str) -> Option<(f64, f64)> {
+    let exe = std::env::current_exe()
+        .ok()?
+        .with_file_name("bare_pipeline");
+    if !exe.exists() {
+        note!(
+            "bare pipeline: {} not built (cargo build --release -p testkit --example bare_pipeline)",
+            exe.display()
+        );
+        return None;
+    }
+    let span = size_bytes(&cfg.tp_size);
+    // ~3 s at the rates seen here; the frames wrap around the volume-sized span
+    let count = "4096".to_owned();
+    let span = span.to_string();
+    let addr = SocketAddr::from((c.lab.addr("n2"), 5301));
+    let (f1, f2) = (
+        c.agent("n1").scratch_dir().join("bare.img"),
+        c.agent("n2").scratch_dir().join("bare.img"),
+    );
+    let common = |cmd: &mut Command, f: &Path| {
+        cmd.arg("--file")
+            .arg(f)
+            .args(["--mode", mode, "--count", &count, "--span", &span]);
+    };
+    let mut p = Command::new(&exe);
+    p.args(["peer", "--listen", &addr.to_string()]);
+    common(&mut p, &f2);
+    let pid = c.lab.spawn_in("n2", p, "bare_pipeline peer");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut a = Command::new(&exe);
+    a.args(["attach", "--peer", &addr.to_string()]);
+    common(&mut a, &f1);
+    let out = c.lab.output_in("n1", &mut a, Duration::from_secs(120));
+    c.lab.kill(pid);
+    let out = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(o) => {
+            note!(
+                "bare pipeline ({mode}): {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return None;
+        }
+        Err(e) => {
+            note!("bare pipeline ({mode}): {e}");
+            return None;
+        }
+    };
+    let field = |k: &str| {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Some((field("mibs=")?, field("cpu_ms_per_mib=")?))
+}
+
 fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)> {
     let mut api = Http::new(c.agent("n1").api_addr());
     let n1_sock = c.agent("n1").data_dir().join("nbd.sock");
@@ -2356,9 +2421,12 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
     let mut cpu: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     let mut durab: BTreeMap<(String, String), Vec<(f64, f64)>> = BTreeMap::new();
     let mut link = Vec::new();
+    let mut bare: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     // per-thread CPU of the serving processes per job (% of the job's wall time, ramp
     // included): which stage is the busy one
     let mut threads = Vec::new();
+    // One untimed pass allocates the bare pipeline's files, as the prefill did the volumes'.
+    let _ = bare_pipeline(c, cfg, "copy");
     for r in 0..cfg.tp_reps {
         let (mibs, tool) = tcp_throughput(&c.lab, "n1", "n2", cfg.iperf_secs, &cfg.out, 100 + r);
         link.push(mibs);
@@ -2367,6 +2435,17 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
             load1()
         ));
         note!("repl rep {r}: raw TCP n1->n2 {mibs:.0} MiB/s ({tool})");
+        for mode in BARE_MODES {
+            if let Some((mibs, cpu)) = bare_pipeline(c, cfg, mode) {
+                bare.entry(mode).or_default().push(mibs);
+                rows.push(format!(
+                    "{r}\tseqwrite_1M_qd8\tbare_{mode}\t{mibs:.1}\t\t\t\t{:.0}\t\t\t\t{}",
+                    cpu * 1000.0,
+                    load1()
+                ));
+                note!("repl rep {r}: bare pipeline ({mode}) {mibs:.0} MiB/s, {cpu:.2} ms CPU/MiB");
+            }
+        }
         for (job, args) in REPL_JOBS {
             for k in 0..targets.len() {
                 let tg = &targets[(k + r) % targets.len()];
@@ -2440,6 +2519,9 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
     if let Some(p) = iperf_pid {
         c.lab.kill(p);
     }
+    for n in ["n1", "n2"] {
+        let _ = std::fs::remove_file(c.agent(n).scratch_dir().join("bare.img"));
+    }
     if let Some(p) = qemu_pid {
         c.lab.kill(p);
     }
@@ -2471,6 +2553,18 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
         "",
         format!("{:.0} [{:.0}..{:.0}] MiB/s", median(&link), min(&link), max(&link))
     ));
+    for (mode, v) in &bare {
+        let per_rep: Vec<f64> = v.iter().zip(&link).map(|(a, b)| a / b).collect();
+        rep.line(format!(
+            "{:<18} {:<11} {:>24}   x link {:.2} [{:.2}..{:.2}] (the same data movement, no protocol, one frame per stage at a time: examples/bare_pipeline.rs --mode {mode}; a reference, not a bound)",
+            "bare_pipeline",
+            mode,
+            format!("{:.0} [{:.0}..{:.0}] MiB/s", median(v), min(v), max(v)),
+            median(&per_rep),
+            min(&per_rep),
+            max(&per_rep),
+        ));
+    }
     let ratio = |a: &[f64], b: &[f64]| -> String {
         if a.len() != b.len() || a.is_empty() {
             return "-".into();
