@@ -139,41 +139,27 @@ impl Pipe {
     }
 }
 
-/// `splice` exactly `n` bytes from `from` to `to` (`off`: the file offset on either side).
-fn splice_all(
+/// One `splice` of up to `n` bytes from `from` (a socket or pipe) into `to`, at output
+/// offset `off` when `to` is a file (advanced by the kernel).
+fn splice_some(
     from: RawFd,
     to: RawFd,
-    mut off: Option<i64>,
-    to_file: bool,
-    mut n: usize,
-) -> io::Result<()> {
+    off: Option<&mut i64>,
+    n: usize,
+    what: &str,
+) -> io::Result<usize> {
+    let out = off.map_or(std::ptr::null_mut(), |o| o as *mut i64);
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE;
+    check(
+        unsafe { libc::splice(from, std::ptr::null_mut(), to, out, n, flags) },
+        what,
+    )
+}
+
+/// `splice` exactly `n` bytes from pipe `from` into `to` (a file at `off`, or a socket).
+fn splice_all(from: RawFd, to: RawFd, mut off: Option<i64>, mut n: usize) -> io::Result<()> {
     while n > 0 {
-        let mut o = off.unwrap_or(0);
-        let p = if off.is_some() {
-            &mut o as *mut i64
-        } else {
-            std::ptr::null_mut()
-        };
-        let (pin, pout) = if to_file {
-            (std::ptr::null_mut(), p)
-        } else {
-            (p, std::ptr::null_mut())
-        };
-        let r = unsafe {
-            libc::splice(
-                from,
-                pin,
-                to,
-                pout,
-                n,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE,
-            )
-        };
-        let k = check(r, "splice")?;
-        n -= k;
-        if let Some(x) = off.as_mut() {
-            *x += k as i64;
-        }
+        n -= splice_some(from, to, off.as_mut(), n, "splice")?;
     }
     Ok(())
 }
@@ -218,18 +204,8 @@ fn receive_body(
         Mode::Splice => {
             let (mut left, mut at) = (buf.len(), off as i64);
             while left > 0 {
-                let r = unsafe {
-                    libc::splice(
-                        sock_fd,
-                        std::ptr::null_mut(),
-                        pipe.w.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        left,
-                        libc::SPLICE_F_MOVE,
-                    )
-                };
-                let k = check(r, "splice socket")?;
-                splice_all(pipe.r.as_raw_fd(), file.as_raw_fd(), Some(at), true, k)?;
+                let k = splice_some(sock_fd, pipe.w.as_raw_fd(), None, left, "splice socket")?;
+                splice_all(pipe.r.as_raw_fd(), file.as_raw_fd(), Some(at), k)?;
                 left -= k;
                 at += k as i64;
             }
@@ -337,20 +313,16 @@ fn attach(a: &Args) -> io::Result<()> {
                 tcp_w.write_all(&h)?;
                 let (mut left, mut at) = (size, off as i64);
                 while left > 0 {
-                    let r = unsafe {
-                        libc::splice(
-                            sock_fd,
-                            std::ptr::null_mut(),
-                            pa.w.as_raw_fd(),
-                            std::ptr::null_mut(),
-                            left,
-                            libc::SPLICE_F_MOVE,
-                        )
-                    };
-                    let k = check(r, "splice client socket")?;
+                    let k = splice_some(
+                        sock_fd,
+                        pa.w.as_raw_fd(),
+                        None,
+                        left,
+                        "splice client socket",
+                    )?;
                     tee_all(pa.r.as_raw_fd(), pb.w.as_raw_fd(), k)?;
-                    splice_all(pa.r.as_raw_fd(), file.as_raw_fd(), Some(at), true, k)?;
-                    splice_all(pb.r.as_raw_fd(), tcp_fd, None, false, k)?;
+                    splice_all(pa.r.as_raw_fd(), file.as_raw_fd(), Some(at), k)?;
+                    splice_all(pb.r.as_raw_fd(), tcp_fd, None, k)?;
                     left -= k;
                     at += k as i64;
                 }
