@@ -1,13 +1,15 @@
 //! Goal: `volume add-replica` on a one-replica volume in use turns it into a replicated
 //! volume online: the NBD client stays connected and never sees an error, the new replica
 //! is filled while writes go on, and it ends byte-identical (issue 4 item 5, "online
-//! add-replica", for the volume that had no replication yet).
-//! Method: a 32 MiB volume with its only replica on n1, attached on n1; our verifying load
-//! generator writes 4 KiB blocks with periodic flushes into the first 16 MiB over one NBD
-//! connection. Mid-load `volume add-replica vm --node n2`; the test waits until both
-//! replicas are in sync while the load goes on, checks the switch was reported as an event
-//! (with how long I/O was held), that the load ran to its end without an error, that every
-//! flushed block reads back, and after detaching that the two files are byte-identical.
+//! add-replica", for the volume that had no replication yet) — whether the volume is
+//! attached on the node of its replica or on a node without one (the remote case).
+//! Method: a 32 MiB volume with its only replica on one node, attached on n1; our verifying
+//! load generator writes 4 KiB blocks with periodic flushes into the first 16 MiB over one
+//! NBD connection. Mid-load `volume add-replica` on the other node; the test waits until
+//! both replicas are in sync while the load goes on, checks the switch was reported as an
+//! event (with how long I/O was held), that the load ran to its end without an error, that
+//! every flushed block reads back, and after detaching that the two files are
+//! byte-identical.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +30,24 @@ fn add_replica_to_a_one_replica_volume_in_use_switches_to_replication_online() {
     let Some(c) = start_cluster!(&[("n1", &[]), ("n2", &[])]) else {
         return;
     };
+    online_switch(&c, "n1", "n2", 0x0071_1e01);
+}
+
+/// The remote case: the only replica is on n2, the volume is attached on n1 (over the peer
+/// protocol), and the added replica is on n1. Requests still on the old connection must be
+/// answered before the driver's session fences it (else the client sees an error); before
+/// this worked the new replica was only filled on the next attach.
+#[test]
+fn add_replica_to_a_remotely_attached_one_replica_volume_switches_online() {
+    let Some(c) = start_cluster!(&[("n1", &[]), ("n2", &[])]) else {
+        return;
+    };
+    online_switch(&c, "n2", "n1", 0x0071_1e03);
+}
+
+/// Volume `vm` with its only replica on `first`, attached on n1 under load; `add-replica`
+/// on `added`; see the module docs for what is checked.
+fn online_switch(c: &testkit::cluster::Cluster, first: &str, added: &str, seed: u64) {
     let a = c.agent("n1");
     a.cli_ok(&[
         "volume",
@@ -38,7 +58,7 @@ fn add_replica_to_a_one_replica_volume_in_use_switches_to_replication_online() {
         "--replicas",
         "1",
         "--node",
-        "n1",
+        first,
     ]);
     let id = volume_show(a, "vm")["id"]
         .as_str()
@@ -51,7 +71,7 @@ fn add_replica_to_a_one_replica_volume_in_use_switches_to_replication_online() {
     o.blocks = Some(16 * MIB / 4096);
     o.flush_every = 32;
     o.queue_depth = 8;
-    o.seed = 0x0071_1e01;
+    o.seed = seed;
     o.duration = Duration::from_secs(20);
     let flushes = Arc::new(AtomicU64::new(0));
     o.flushes_done = Some(flushes.clone());
@@ -68,7 +88,7 @@ fn add_replica_to_a_one_replica_volume_in_use_switches_to_replication_online() {
     progress(20, "before add-replica");
 
     let t = Instant::now();
-    let out = a.cli_ok(&["volume", "add-replica", "vm", "--node", "n2"]);
+    let out = a.cli_ok(&["volume", "add-replica", "vm", "--node", added]);
     eprintln!("add-replica: {}", out.trim());
     let mut last = Value::Null;
     let synced = wait_until(Duration::from_secs(60), || {
@@ -80,7 +100,7 @@ fn add_replica_to_a_one_replica_volume_in_use_switches_to_replication_online() {
         "both replicas in sync within 60 s of add-replica: {last}\n--- n1 log tail ---\n{}",
         tail(&a.log(), 60)
     );
-    eprintln!("n2 in sync {:?} after add-replica", t.elapsed());
+    eprintln!("{added} in sync {:?} after add-replica", t.elapsed());
     let at_sync = flushes.load(Ordering::SeqCst);
     progress(at_sync + 20, "after the switch to replication");
 
@@ -98,7 +118,7 @@ fn add_replica_to_a_one_replica_volume_in_use_switches_to_replication_online() {
     assert!(
         events
             .lines()
-            .any(|l| l.contains("replica.rejoined") && l.contains("on node n2")),
+            .any(|l| l.contains("replica.rejoined") && l.contains(&format!("on node {added}"))),
         "the added replica's rejoin names its node:\n{events}"
     );
 

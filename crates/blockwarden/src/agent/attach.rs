@@ -73,7 +73,8 @@ pub struct Attachment {
     /// `device`. Set at attach, or later by [`Node::upgrade_to_replicated`] when a replica
     /// is added to a one-replica volume in use.
     pub replicated: OnceLock<super::replicated::Replicated>,
-    /// The switchable device under a one-replica local attachment (see `switch.rs`).
+    /// The switchable device under a one-replica attachment, local or remote (see
+    /// `switch.rs`).
     pub switch: Option<Arc<SwitchDevice>>,
     pub usage: Mutex<Use>,
     /// `true` → close every NBD connection of this attachment now.
@@ -322,7 +323,16 @@ impl<C: ClusterStore> Node<C> {
             let remote = Arc::new(remote);
             (remote.clone() as Arc<dyn BlockDevice>, Some(remote))
         };
-        Ok((Arc::new(SessionGuard { inner, session }), remote, None))
+        // Switchable too: an added replica turns this into a replicated attachment online.
+        let switch = Arc::new(SwitchDevice::new(inner));
+        Ok((
+            Arc::new(SessionGuard {
+                inner: switch.clone(),
+                session,
+            }),
+            remote,
+            Some(switch),
+        ))
     }
 
     fn peer_state_callback(

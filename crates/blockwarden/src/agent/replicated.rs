@@ -464,6 +464,11 @@ pub fn wants_replication(rec: &VolumeRecord) -> bool {
             .all(|r| r.state != ReplicaState::Creating)
 }
 
+/// Longest a switch to replication waits for the old device to answer the requests it
+/// already has (the NBD client's requests in flight; a remote replica's request timeout is
+/// of the same order).
+pub const SWITCH_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Longest a clean detach waits for the activity log to empty (a flush on every replica,
 /// then one metadata write) before it stops anyway and leaves the log to the next
 /// attachment's reconciliation.
@@ -603,10 +608,30 @@ impl<C: ClusterStore> Node<C> {
             return;
         }
         let started = Instant::now();
-        match self
-            .start_replicated(&rec, att.generation, self.session())
-            .await
-        {
+        // The old device answers what it was given before the driver's sessions fence it.
+        // Locally the store's admission would wait for those requests anyway; a remote
+        // replica may still have some on the wire, which the fence would refuse.
+        let drained = async {
+            while switch.outstanding() > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        let started_driver = match tokio::time::timeout(SWITCH_DRAIN_TIMEOUT, drained).await {
+            Err(_) => Err(format!(
+                "the replica did not answer {} request(s) within {SWITCH_DRAIN_TIMEOUT:?}",
+                switch.outstanding()
+            )),
+            Ok(()) => {
+                // Closed by us: its end is not reported as the replica becoming unreachable.
+                if let Some(r) = &att.remote {
+                    r.close();
+                }
+                self.start_replicated(&rec, att.generation, self.session())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match started_driver {
             Ok(r) => {
                 switch.resume(r.device.clone());
                 let n = rec.replicas_placed.len();

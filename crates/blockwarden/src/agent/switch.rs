@@ -12,9 +12,17 @@
 //! first write or resync read. [`SwitchDevice::resume`] installs the new device and submits
 //! the queued requests to it, in arrival order, before any later request.
 //!
-//! The fast path is one uncontended read lock per request.
+//! The store's admission covers requests the old device already handed to the replica. A
+//! remote replica (the one-replica volume attached on a node without a replica) has a
+//! window the store cannot see: a request sent over the old connection may still be on the
+//! wire when the driver's session is admitted, and would then be refused as fenced. So the
+//! switch also waits until the old device has answered every request it was given
+//! ([`SwitchDevice::outstanding`] reaches 0) before the driver starts.
+//!
+//! The fast path is one uncontended read lock and one atomic counter per request.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bw_types::{BlockDevice, IoDone, IoError, IoRequest};
@@ -37,6 +45,8 @@ pub struct SwitchDevice {
     route: RwLock<Route>,
     /// Requests submitted while paused. Locked only under the route lock's write side.
     held: Mutex<Held>,
+    /// Requests handed to the active device and not answered yet.
+    outstanding: Arc<AtomicU64>,
 }
 
 impl SwitchDevice {
@@ -44,7 +54,28 @@ impl SwitchDevice {
         SwitchDevice {
             route: RwLock::new(Route::Active(inner)),
             held: Mutex::new(VecDeque::new()),
+            outstanding: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Requests handed to the active device that it has not answered yet. After
+    /// [`SwitchDevice::pause`] this only falls: 0 means the old device is idle.
+    pub fn outstanding(&self) -> u64 {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Hands `req` to `dev`, counted in `outstanding` until it is answered. Called under
+    /// the route lock (either side), so `pause` never misses a request on its way in.
+    fn hand_over(&self, dev: &Arc<dyn BlockDevice>, req: IoRequest, done: IoDone) {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        let count = self.outstanding.clone();
+        dev.submit(
+            req,
+            Box::new(move |r| {
+                count.fetch_sub(1, Ordering::AcqRel);
+                done(r)
+            }),
+        );
     }
 
     /// Holds every request submitted from now on until [`SwitchDevice::resume`] or
@@ -67,7 +98,7 @@ impl SwitchDevice {
         let queued = std::mem::take(&mut *self.held.lock().unwrap());
         // Under the write lock: later submits wait until every held request is handed over.
         for (req, done) in queued {
-            new.submit(req, done);
+            self.hand_over(&new, req, done);
         }
     }
 
@@ -99,14 +130,14 @@ impl BlockDevice for SwitchDevice {
         {
             let route = self.route.read().unwrap();
             if let Route::Active(d) = &*route {
-                d.submit(req, done);
+                self.hand_over(d, req, done);
                 return;
             }
         }
         let route = self.route.write().unwrap();
         match &*route {
             // Resumed between the two locks.
-            Route::Active(d) => return d.submit(req, done),
+            Route::Active(d) => return self.hand_over(d, req, done),
             Route::Failed(_, why) => {
                 let why = why.clone();
                 drop(route);
@@ -193,6 +224,66 @@ mod tests {
             [("old", 0), ("new", 512), ("new", 1024), ("new", 1536)]
         );
         assert_eq!(old.seen.lock().unwrap().len(), 1);
+    }
+
+    /// Keeps every completion until told to answer.
+    #[derive(Default)]
+    struct Parked(Mutex<Vec<IoDone>>);
+
+    impl BlockDevice for Parked {
+        fn size_bytes(&self) -> u64 {
+            1 << 20
+        }
+        fn submit(&self, _req: IoRequest, done: IoDone) {
+            self.0.lock().unwrap().push(done);
+        }
+    }
+
+    // Goal: `outstanding` counts what the active device was given and has not answered, so
+    // a switch can wait until the old device is idle (the remote case: nothing of the old
+    // connection still on the wire when the driver's session is admitted).
+    #[test]
+    fn outstanding_counts_unanswered_requests_of_the_old_device() {
+        let old = Arc::new(Parked::default());
+        let sw = SwitchDevice::new(old.clone());
+        let answered = Arc::new(AtomicU64::new(0));
+        let done = || -> IoDone {
+            let a = answered.clone();
+            Box::new(move |r| {
+                assert!(r.is_ok());
+                a.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        sw.submit(read(0), done());
+        sw.submit(read(512), done());
+        assert_eq!(sw.outstanding(), 2);
+        assert!(sw.pause());
+        sw.submit(read(1024), done());
+        assert_eq!(
+            sw.outstanding(),
+            2,
+            "held requests are not the old device's"
+        );
+        let parked: Vec<IoDone> = std::mem::take(&mut *old.0.lock().unwrap());
+        for d in parked {
+            d(Ok(IoReply::Done));
+            // (one at a time: the count falls with each answer)
+        }
+        assert_eq!(sw.outstanding(), 0, "the old device is idle");
+        assert_eq!(answered.load(Ordering::SeqCst), 2);
+        let new = Arc::new(Parked::default());
+        sw.resume(new.clone());
+        assert_eq!(
+            sw.outstanding(),
+            1,
+            "the held request went to the new device"
+        );
+        let parked: Vec<IoDone> = std::mem::take(&mut *new.0.lock().unwrap());
+        for d in parked {
+            d(Ok(IoReply::Done));
+        }
+        assert_eq!(sw.outstanding(), 0);
+        assert_eq!(answered.load(Ordering::SeqCst), 3);
     }
 
     // Goal: a failed switch answers every held request with an error (never leaves it hanging).
