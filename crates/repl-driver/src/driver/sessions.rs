@@ -35,6 +35,10 @@ pub(crate) struct ReplicaSlot {
     pub link: Option<Link>,
     /// The reconnect loop while the replica is down.
     reconnect: Option<JoinHandle<()>>,
+    /// Sessions in a row that ended within [`STABLE_SESSION`] of opening (the replica is
+    /// reachable but cannot keep a session: e.g. a link too slow for a resync copy). Each
+    /// doubles the wait before the next reconnect, up to [`MAX_RECONNECT_BACKOFF`].
+    short_sessions: u32,
     /// Rate limiter: tokens in bytes, and when they were last refilled.
     pub tokens: f64,
     pub last_refill: Option<Instant>,
@@ -56,6 +60,24 @@ pub(crate) struct Link {
     pub meta_writing: bool,
     /// Waits for the leg to end by itself.
     watcher: JoinHandle<()>,
+    opened: Instant,
+}
+
+/// A session that lasted this long before it ended was a working one: the next reconnect
+/// does not wait longer than `reconnect_interval`.
+pub(crate) const STABLE_SESSION: Duration = Duration::from_secs(60);
+
+/// Longest wait before reconnecting a replica whose sessions keep ending soon after they
+/// open. Every attempt over a link that cannot carry a resync copy holds writes to the
+/// copied region until the request timeout, so attempts are spaced out; a replica that is
+/// simply down (connects fail) is still tried every `reconnect_interval`.
+pub(crate) const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The wait before the first reconnect attempt after `short` short sessions in a row.
+pub(crate) fn reconnect_delay(interval: Duration, short: u32) -> Duration {
+    interval
+        .saturating_mul(1u32 << short.min(16))
+        .min(MAX_RECONNECT_BACKOFF.max(interval))
 }
 
 impl Link {
@@ -83,6 +105,7 @@ impl Link {
             meta_durable: None,
             meta_writing: false,
             watcher,
+            opened: Instant::now(),
         }
     }
 
@@ -100,6 +123,7 @@ impl ReplicaSlot {
             next_session: Arc::new(AtomicU64::new(next_session)),
             link: None,
             reconnect: None,
+            short_sessions: 0,
             tokens: 0.0,
             last_refill: None,
             resynced_bytes: 0,
@@ -236,7 +260,23 @@ impl Driver {
         }
         let slot = self.slots.get_mut(&replica).expect("slot");
         log::debug!("replica {} session {session} closed: {why}", slot.label);
-        slot.link.take().expect("link").close();
+        let link = slot.link.take().expect("link");
+        let lived = link.opened.elapsed();
+        link.close();
+        if lived < STABLE_SESSION {
+            slot.short_sessions = slot.short_sessions.saturating_add(1);
+        } else {
+            slot.short_sessions = 0;
+        }
+        if slot.short_sessions > 1 {
+            log::warn!(
+                "replica {} ({}): {} sessions in a row ended within {STABLE_SESSION:?} (last after {lived:.1?}: {why}); next attempt in {:?}",
+                replica.0,
+                slot.label,
+                slot.short_sessions,
+                reconnect_delay(self.opts.reconnect_interval, slot.short_sessions - 1)
+            );
+        }
         self.spawn_reconnect(replica);
     }
 
@@ -254,10 +294,14 @@ impl Driver {
         let connector = Arc::clone(&self.connector);
         let tx = self.tx.clone();
         let interval = self.opts.reconnect_interval;
+        // The first session that ends early is retried at the normal pace; from the second
+        // in a row the wait doubles.
+        let mut wait = reconnect_delay(interval, slot.short_sessions.saturating_sub(1));
         let timeout = Duration::from_millis(self.opts.core.connect_timeout_ms);
         slot.reconnect = Some(tokio::spawn(async move {
             loop {
-                tokio::time::sleep(interval).await;
+                tokio::time::sleep(wait).await;
+                wait = interval;
                 let session = next.fetch_add(1, SeqCst);
                 let attempt = connector.connect(replica, session);
                 match tokio::time::timeout(timeout, attempt).await {
@@ -372,5 +416,31 @@ impl Driver {
             let why = format!("request timed out after {} ms", limit.as_millis());
             self.fail_link(replica, session, why);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: a replica whose sessions keep ending soon after they open is retried less and
+    // less often (each attempt over a link too slow for a copy holds writes to one region
+    // until the request timeout), never slower than every 30 s, and a replica whose last
+    // session was a working one is retried at the normal pace.
+    #[test]
+    fn reconnect_waits_double_per_short_session_up_to_the_cap() {
+        let i = Duration::from_secs(1);
+        let waits: Vec<u64> = (0..8).map(|n| reconnect_delay(i, n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(reconnect_delay(i, u32::MAX), MAX_RECONNECT_BACKOFF);
+        // An interval above the cap is kept as it is.
+        assert_eq!(
+            reconnect_delay(Duration::from_secs(45), 3),
+            Duration::from_secs(45)
+        );
+        assert_eq!(
+            reconnect_delay(Duration::from_millis(100), 0),
+            Duration::from_millis(100)
+        );
     }
 }
