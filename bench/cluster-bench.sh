@@ -15,7 +15,10 @@
 #      2-replica volume (n1 + n2, sync over veth), all attached/served on n1 and driven by fio
 #      in n1's namespace: seqwrite_1M_qd8, seqwrite_1M_qd1, randwrite_4k_qd32 (IOPS),
 #      randwrite_4k_qd1 (p50/p99 latency); target: 2 replicas 1 MiB QD8 >= 0.80 x
-#      min(raw disk, raw TCP). Then full resyncs of the 2-replica volume (every region, TP_SIZE,
+#      min(raw disk, raw TCP). Per rep also the machine budget, without our code: two fio
+#      writers at once (buffered with machine CPU per MiB, and O_DIRECT: the one disk both
+#      "hosts" share here) and the link's CPU per MiB; the summary prints the sustained
+#      one-disk ceiling (two O_DIRECT writers / 2) as a fraction of min(raw disk, raw TCP). Then full resyncs of the 2-replica volume (every region, TP_SIZE,
 #      copied n1 -> n2 over the peer protocol after an outage of n2: kill -9 its agent,
 #      rewrite all of the volume through n1, restart n2): at the default rate (DEFAULT_RESYNC_RATE_BYTES_PER_S) while each of RESYNC_JOBS runs,
 #      next to the same job alone (bound: the job keeps >= RESYNC_KEEP of its throughput);
