@@ -230,6 +230,12 @@ fn cpu_jiffies() -> (u64, u64) {
     (total - idle, total)
 }
 
+/// Machine CPU time (ms, all cores) busy between two [`cpu_jiffies`] samples.
+fn busy_ms(a: (u64, u64), b: (u64, u64)) -> f64 {
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (b.0 - a.0) as f64 * 1000.0 / tick
+}
+
 fn busy_pct(a: (u64, u64), b: (u64, u64)) -> f64 {
     let dt = (b.1 - a.1).max(1) as f64;
     100.0 * (b.0 - a.0) as f64 / dt
@@ -2189,10 +2195,7 @@ fn two_writers(c: &Cluster, cfg: &Cfg, engine: &str, direct: bool) -> Result<(f6
         Some((cfg.fio_runtime, 0)),
         &[],
     )?;
-    let j1 = cpu_jiffies();
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let busy_ms = (j1.0 - j0.0) as f64 * 1000.0 / tick;
-    Ok((f.mibs, busy_ms / f.ios.max(1.0)))
+    Ok((f.mibs, busy_ms(j0, cpu_jiffies()) / f.ios.max(1.0)))
 }
 
 fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, bool)> {
@@ -2489,13 +2492,14 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
     };
     let mut budgets: Vec<Budget> = Vec::new();
     for r in 0..cfg.tp_reps {
-        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let j0 = cpu_jiffies();
         let (mibs, tool) = tcp_throughput(&c.lab, "n1", "n2", cfg.iperf_secs, &cfg.out, 100 + r);
-        let link_cpu = (cpu_jiffies().0 - j0.0) as f64 * 1000.0
-            / tick
-            / (mibs * f64::from(cfg.iperf_secs)).max(1.0);
+        let link_cpu = busy_ms(j0, cpu_jiffies()) / (mibs * f64::from(cfg.iperf_secs)).max(1.0);
         link.push(mibs);
+        rows.push(format!(
+            "{r}\tlink_n1_to_n2\t{tool}\t{mibs:.1}\t\t\t\t\t\t\t\t{}",
+            load1()
+        ));
         note!("repl rep {r}: raw TCP n1->n2 {mibs:.0} MiB/s ({tool})");
         for mode in BARE_MODES {
             if let Some((mibs, cpu)) = bare_pipeline(c, cfg, mode) {
@@ -2612,10 +2616,6 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
                 Err(e) => note!("repl rep {r}: machine budget: {e}"),
             }
         }
-        rows.push(format!(
-            "{r}\tlink_n1_to_n2\t{tool}\t{mibs:.1}\t\t\t\t\t\t\t\t{}",
-            load1()
-        ));
     }
     if let Some(p) = iperf_pid {
         c.lab.kill(p);
@@ -2623,7 +2623,7 @@ fn replication(c: &mut Cluster, cfg: &Cfg, rep: &mut Report) -> Vec<(String, boo
     for n in ["n1", "n2"] {
         let _ = std::fs::remove_file(c.agent(n).scratch_dir().join("bare.img"));
     }
-    for j in 0..3 {
+    for j in 0..2 {
         let _ = std::fs::remove_file(c.agent("n1").scratch_dir().join(format!("budget.{j}")));
     }
     if let Some(p) = qemu_pid {

@@ -230,6 +230,16 @@ mod tests {
     #[derive(Default)]
     struct Parked(Mutex<Vec<IoDone>>);
 
+    impl Parked {
+        /// Answers every parked request with success.
+        fn answer_all(&self) {
+            let parked = std::mem::take(&mut *self.0.lock().unwrap());
+            for done in parked {
+                done(Ok(IoReply::Done));
+            }
+        }
+    }
+
     impl BlockDevice for Parked {
         fn size_bytes(&self) -> u64 {
             1 << 20
@@ -264,11 +274,7 @@ mod tests {
             2,
             "held requests are not the old device's"
         );
-        let parked: Vec<IoDone> = std::mem::take(&mut *old.0.lock().unwrap());
-        for d in parked {
-            d(Ok(IoReply::Done));
-            // (one at a time: the count falls with each answer)
-        }
+        old.answer_all();
         assert_eq!(sw.outstanding(), 0, "the old device is idle");
         assert_eq!(answered.load(Ordering::SeqCst), 2);
         let new = Arc::new(Parked::default());
@@ -278,10 +284,7 @@ mod tests {
             1,
             "the held request went to the new device"
         );
-        let parked: Vec<IoDone> = std::mem::take(&mut *new.0.lock().unwrap());
-        for d in parked {
-            d(Ok(IoReply::Done));
-        }
+        new.answer_all();
         assert_eq!(sw.outstanding(), 0);
         assert_eq!(answered.load(Ordering::SeqCst), 3);
     }

@@ -132,6 +132,12 @@ impl ReplicaSlot {
         }
     }
 
+    /// The wait before the next reconnect: the first session that ended early is retried
+    /// at the normal pace; from the second in a row the wait doubles.
+    fn reconnect_wait(&self, interval: Duration) -> Duration {
+        reconnect_delay(interval, self.short_sessions.saturating_sub(1))
+    }
+
     /// Closes the session and stops reconnecting (the attachment ended).
     pub fn shut(&mut self) {
         if let Some(h) = self.reconnect.take() {
@@ -274,7 +280,7 @@ impl Driver {
                 replica.0,
                 slot.label,
                 slot.short_sessions,
-                reconnect_delay(self.opts.reconnect_interval, slot.short_sessions - 1)
+                slot.reconnect_wait(self.opts.reconnect_interval)
             );
         }
         self.spawn_reconnect(replica);
@@ -294,9 +300,7 @@ impl Driver {
         let connector = Arc::clone(&self.connector);
         let tx = self.tx.clone();
         let interval = self.opts.reconnect_interval;
-        // The first session that ends early is retried at the normal pace; from the second
-        // in a row the wait doubles.
-        let mut wait = reconnect_delay(interval, slot.short_sessions.saturating_sub(1));
+        let mut wait = slot.reconnect_wait(interval);
         let timeout = Duration::from_millis(self.opts.core.connect_timeout_ms);
         slot.reconnect = Some(tokio::spawn(async move {
             loop {
